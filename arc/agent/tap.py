@@ -1,0 +1,51 @@
+"""``twistd arc-agent --config agent.yaml``."""
+
+from twisted.application.service import MultiService
+
+from arc.agent.agent import Agent
+from arc.agent.config import load_agent_config
+from arc.agent.upstream import Upstream
+from arc.errors import ConfigError
+from arc.kube.kubeconfig import load_upstream
+from arc.relay.relay import AGENT_PATH
+from arc.service import ConfigOptions, parsed_config
+from arc.tunnel.dial import TunnelDialer
+
+
+class Options(ConfigOptions):
+    synopsis = "--config agent.yaml"
+    longdesc = ("Run an arc agent in a cluster: keeps an outbound tunnel to the relay and "
+                "serves its streams from kube-apiserver.")
+
+    @staticmethod
+    def loader(path):
+        cfg = load_agent_config(path)
+        try:
+            target = load_upstream(kubeconfig=cfg.kubeconfig, context=cfg.context)
+        except ConfigError as e:
+            if e.file is None:
+                raise ConfigError(e.reason, file=cfg.file, key="upstream") from None
+            raise
+        return cfg, target
+
+
+class AgentService(MultiService):
+    def __init__(self, cfg, target, reactor):
+        super().__init__()
+        self.config = cfg
+        self.agent = Agent(reactor, cfg.cluster,
+                           Upstream(reactor, target, cfg.connect_timeout), cfg.limits)
+        self.dialer = TunnelDialer(
+            reactor, relay_url=cfg.relay.url, path=AGENT_PATH,
+            credential=cfg.relay.credential, make_session=self.agent.make_session,
+            tls_options=cfg.relay.tls_options(), transport=cfg.relay.transport,
+            extra_headers={"Arc-Cluster": cfg.cluster}, what="agent",
+            ws_mask=cfg.relay.websocket_mask)
+        self.dialer.setServiceParent(self)
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    cfg, target = parsed_config(options, Options.loader)
+    return AgentService(cfg, target, reactor)

@@ -1,0 +1,113 @@
+"""``twistd arc-client --config client.yaml``."""
+
+import base64
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from arc.client.config import load_client_config
+from arc.client.localca import ensure_local_ca
+from arc.client.proxy import KubectlFactory
+from arc.kube.kubeconfig import default_kubeconfig_path, merge_context
+from arc.relay.relay import CLIENT_PATH
+from arc.service import ConfigOptions, listen_service, parsed_config
+from arc.tunnel.dial import TunnelDialer
+from arc.tunnel.session import Session
+
+
+class Options(ConfigOptions):
+    synopsis = "--config client.yaml"
+    longdesc = ("Run the arc client proxy: serves kubectl on a local TLS port and carries "
+                "every connection over the tunnel to the relay.")
+    loader = staticmethod(load_client_config)
+
+
+def _server_url(port):
+    host = port.getHost()
+    address = host.host
+    if ":" in address:
+        address = "[%s]" % address
+    if address in ("0.0.0.0", "[::]"):
+        address = "127.0.0.1"
+    return "https://%s:%d" % (address, host.port)
+
+
+class ProxyService(MultiService):
+    """The client proxy: local listeners, one tunnel, kubeconfig contexts."""
+
+    log = Logger()
+
+    def __init__(self, cfg, reactor):
+        super().__init__()
+        self.config = cfg
+        self.reactor = reactor
+        self.config_file = cfg.file
+        self.relay_url = cfg.relay.url
+        self.clusters = {c.name: c for c in cfg.clusters}
+        self.local_ca = ensure_local_ca(cfg.state_dir)
+        self.sessions = set()
+        tls = self.local_ca.tls_options()
+        self.listener = listen_service(reactor, cfg.listen, KubectlFactory(self), tls,
+                                       file=cfg.file)
+        self.listener.setServiceParent(self)
+        self.dedicated = {}
+        for cluster in cfg.clusters:
+            if cluster.listen:
+                service = listen_service(reactor, cluster.listen,
+                                         KubectlFactory(self, cluster.name), tls,
+                                         file=cfg.file, key="clusters.%s.listen" % cluster.name)
+                service.setServiceParent(self)
+                self.dedicated[cluster.name] = service
+        self.dialer = TunnelDialer(
+            reactor, relay_url=cfg.relay.url, path=CLIENT_PATH, credential=cfg.relay.credential,
+            make_session=self._make_session, tls_options=cfg.relay.tls_options(),
+            transport=cfg.relay.transport, what="user", ws_mask=cfg.relay.websocket_mask)
+        self.dialer.setServiceParent(self)
+        self.kubeconfig_path = cfg.kubeconfig or default_kubeconfig_path()
+        self.ready = defer.Deferred()
+
+    def _make_session(self):
+        session = Session(dialer=True, clock=self.reactor, limits=self.config.limits,
+                          name="relay", on_close=lambda s, code, reason: self.sessions.discard(s))
+        self.sessions.add(session)
+        return session
+
+    def session(self):
+        """The live tunnel session that may open streams, if any."""
+        for session in self.sessions:
+            if session.can_open():
+                return session
+        return None
+
+    def tunnel_problem(self):
+        return self.dialer.last_error or "connecting"
+
+    def startService(self):
+        super().startService()
+        d = self._write_kubeconfig()
+        d.addCallbacks(self.ready.callback, self.ready.errback)
+
+    @defer.inlineCallbacks
+    def _write_kubeconfig(self):
+        main = yield self.listener._waitingForPort
+        ca_data = base64.b64encode(self.local_ca.ca_cert_pem).decode("ascii")
+        for cluster in self.config.clusters:
+            port = main
+            if cluster.name in self.dedicated:
+                port = yield self.dedicated[cluster.name]._waitingForPort
+            entry = {"server": _server_url(port), "certificate-authority-data": ca_data,
+                     "tls-server-name": self.local_ca.server_name(cluster.name)}
+            user = {"tokenFile": cluster.token_file} if cluster.token_file else {}
+            merge_context(self.kubeconfig_path, context=cluster.context, cluster_entry=entry,
+                          user_entry=user, set_current=self.config.set_current_context)
+            self.log.info("kubeconfig {path}: context {context} -> cluster {cluster} via "
+                          "{server}", path=self.kubeconfig_path, context=cluster.context,
+                          cluster=cluster.name, server=entry["server"])
+        return self.kubeconfig_path
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    return ProxyService(parsed_config(options, load_client_config), reactor)

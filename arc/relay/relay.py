@@ -1,0 +1,187 @@
+"""The relay: authenticates tunnels, authorizes stream opens, pairs streams.
+
+It never parses Kubernetes HTTP.  Agents connect to ``/arc/v1/agent`` with
+their cluster's token; clients connect to ``/arc/v1/client`` with a user
+token.  Every stream a client opens names a cluster; the relay checks the
+access bindings, picks one of that cluster's agent tunnels and opens a
+stream there, then frames flow between the two undecoded (see
+:mod:`arc.relay.splice`).
+"""
+
+import json
+
+from twisted.logger import Logger
+
+from arc.relay.splice import Half, pair
+from arc.tunnel import frames as F
+from arc.tunnel.carrier import HeadError
+from arc.tunnel.session import RefuseStream, Session
+
+AGENT_PATH = "/arc/v1/agent"
+CLIENT_PATH = "/arc/v1/client"
+MAX_OPEN_METADATA = 4096
+
+
+def _json(status, obj):
+    body = json.dumps(obj).encode()
+    return (b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % (status, len(body))) + body
+
+
+class Relay:
+    log = Logger()
+
+    def __init__(self, clock, registry, limits):
+        self.clock = clock
+        self.registry = registry
+        self.limits = limits
+        self.agents = {}      # cluster -> list of sessions
+        self.clients = set()
+        self.streams_open = 0
+        self.streams_total = 0
+
+    # -- listener callbacks ---------------------------------------------------
+
+    def plain(self, request):
+        path = request.path.split("?", 1)[0]
+        if path in ("/healthz", "/readyz"):
+            return _json(200, {"status": "ok"})
+        return _json(404, {"message": "not found: the relay serves tunnels at %s and %s"
+                                      % (AGENT_PATH, CLIENT_PATH)})
+
+    def accept(self, request):
+        path = request.path.split("?", 1)[0]
+        if path == AGENT_PATH:
+            return self._accept_agent(request)
+        if path == CLIENT_PATH:
+            return self._accept_client(request)
+        raise HeadError(404, "no tunnel endpoint at %s (agents use %s, clients %s)"
+                        % (path, AGENT_PATH, CLIENT_PATH))
+
+    def _accept_agent(self, request):
+        cluster = request.header("arc-cluster") or ""
+        token = request.bearer()
+        peer = _peer(request)
+        if cluster not in self.registry.clusters:
+            self.log.warn("agent refused: cluster {cluster!r} is not registered (peer {peer})",
+                          cluster=cluster, peer=peer)
+            raise HeadError(401, "cluster %r is not registered at this relay" % (cluster,))
+        if not self.registry.agent_ok(cluster, token):
+            self.log.warn("agent refused: wrong or missing token for cluster {cluster} "
+                          "(peer {peer})", cluster=cluster, peer=peer)
+            raise HeadError(401, "agent token rejected for cluster %r" % (cluster,))
+
+        def start(send, close):
+            session = Session(dialer=False, clock=self.clock, limits=self.limits,
+                              name="agent:%s@%s" % (cluster, peer),
+                              on_close=self._agent_closed)
+            session.cluster = cluster
+            session.connected(send, close)
+            self.agents.setdefault(cluster, []).append(session)
+            self.log.info("agent tunnel up: cluster={cluster} peer={peer} tunnels={n}",
+                          cluster=cluster, peer=peer, n=len(self.agents[cluster]))
+            return session
+
+        return start
+
+    def _accept_client(self, request):
+        identity = self.registry.user(request.bearer())
+        peer = _peer(request)
+        if identity is None:
+            self.log.warn("client refused: unknown or missing user token (peer {peer})",
+                          peer=peer)
+            raise HeadError(401, "user token rejected: unknown, revoked or missing")
+
+        def start(send, close):
+            session = Session(dialer=False, clock=self.clock, limits=self.limits,
+                              name="client:%s@%s" % (identity.name, peer),
+                              on_open=self._client_open, on_close=self._client_closed)
+            session.identity = identity
+            session.connected(send, close)
+            self.clients.add(session)
+            self.log.info("client tunnel up: user={user} peer={peer}",
+                          user=identity.name, peer=peer)
+            return session
+
+        return start
+
+    # -- sessions ---------------------------------------------------------------
+
+    def _agent_closed(self, session, code, reason):
+        tunnels = self.agents.get(session.cluster, [])
+        if session in tunnels:
+            tunnels.remove(session)
+        if not tunnels:
+            self.agents.pop(session.cluster, None)
+        self.log.info("agent tunnel down: cluster={cluster} reason={reason}",
+                      cluster=session.cluster, reason=reason)
+
+    def _client_closed(self, session, code, reason):
+        self.clients.discard(session)
+        self.log.info("client tunnel down: user={user} reason={reason}",
+                      user=session.identity.name, reason=reason)
+
+    def _pick_agent(self, cluster):
+        best = None
+        for session in self.agents.get(cluster, ()):
+            if session.can_open() and (best is None or len(session.streams) < len(best.streams)):
+                best = session
+        return best
+
+    def _client_open(self, session, sid, metadata):
+        identity = session.identity
+        try:
+            if len(metadata) > MAX_OPEN_METADATA:
+                raise ValueError("too large")
+            meta = json.loads(metadata)
+            cluster = meta["cluster"]
+            if not isinstance(cluster, str):
+                raise ValueError("cluster must be a string")
+        except (ValueError, KeyError, TypeError) as e:
+            raise RefuseStream(F.PROTOCOL_ERROR, "bad stream open metadata: %s" % (e,))
+        if cluster not in self.registry.clusters:
+            raise RefuseStream(F.UNKNOWN_CLUSTER,
+                               "cluster %r is not registered at the relay" % (cluster,))
+        if not self.registry.allowed(identity, cluster):
+            self.log.warn("stream refused: user {user} is not bound to cluster {cluster}",
+                          user=identity.name, cluster=cluster)
+            raise RefuseStream(F.FORBIDDEN,
+                               "user %r may not reach cluster %r: no access binding names the "
+                               "user or one of its groups" % (identity.name, cluster))
+        agent = self._pick_agent(cluster)
+        if agent is None:
+            raise RefuseStream(F.CLUSTER_OFFLINE,
+                               "cluster %r is offline: its agent is not connected to the relay"
+                               % (cluster,))
+        client_half = Half(session, "the client", self._stream_ended)
+        client_half.id = sid
+        agent_half = Half(agent, "the agent of cluster %r" % (cluster,))
+        pair(client_half, agent_half)
+        forwarded = json.dumps({"cluster": cluster, "user": identity.name,
+                                "groups": list(identity.groups),
+                                "request": meta.get("request")}).encode()
+        try:
+            agent_half.id = agent.open(agent_half, forwarded)
+        except RefuseStream as e:
+            raise RefuseStream(F.CLUSTER_OFFLINE, "cluster %r cannot take streams now: %s"
+                               % (cluster, e.reason))
+        self.streams_open += 1
+        self.streams_total += 1
+        return client_half
+
+    def _stream_ended(self, half):
+        self.streams_open -= 1
+
+    def stopping(self):
+        """Graceful stop: refuse new streams on every tunnel."""
+        for tunnels in self.agents.values():
+            for session in tunnels:
+                session.goAway(F.GOING_AWAY)
+        for session in self.clients:
+            session.goAway(F.GOING_AWAY)
+
+
+def _peer(request):
+    peer = request.peer
+    host = getattr(peer, "host", None)
+    return "%s:%s" % (host, getattr(peer, "port", "")) if host else str(peer)

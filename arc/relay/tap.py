@@ -1,0 +1,51 @@
+"""``twistd arc-relay --config relay.yaml``."""
+
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from arc.relay.config import load_relay_config
+from arc.relay.relay import Relay
+from arc.service import ConfigOptions, listen_service, parsed_config
+from arc.tls import server_options_from_files
+from arc.tunnel.carrier import TunnelServerFactory
+
+
+class Options(ConfigOptions):
+    synopsis = "--config relay.yaml"
+    longdesc = "Run an arc relay: accepts agent and client tunnels and pairs their streams."
+    loader = staticmethod(load_relay_config)
+
+
+class RelayService(MultiService):
+    log = Logger()
+
+    def __init__(self, cfg, reactor):
+        super().__init__()
+        self.config = cfg
+        self.relay = Relay(reactor, cfg.registry, cfg.limits)
+        tls = None
+        if cfg.tls_cert:
+            tls = server_options_from_files(cfg.tls_cert, cfg.tls_key, file=cfg.file)
+        else:
+            self.log.warn("relay serves plain HTTP (insecure_plaintext): only behind a "
+                          "TLS-terminating proxy")
+        factory = TunnelServerFactory(reactor, self.relay.accept, self.relay.plain,
+                                      head_timeout=cfg.head_timeout,
+                                      require_mask=cfg.websocket_require_mask)
+        self.listener = listen_service(reactor, cfg.listen, factory, tls, file=cfg.file)
+        self.listener.setServiceParent(self)
+
+    def stopService(self):
+        self.relay.stopping()
+        return super().stopService()
+
+    @property
+    def port(self):
+        """The bound listening port (after start), e.g. when configured as port 0."""
+        return self.listener._waitingForPort.result.getHost().port
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    return RelayService(parsed_config(options, load_relay_config), reactor)

@@ -1,0 +1,437 @@
+"""Carriers: how a tunnel session rides a TLS connection.
+
+A tunnel starts as an HTTP/1.1 request so that it passes load balancers,
+ingress controllers and CONNECT proxies.  Two upgrades are offered:
+
+``Upgrade: arc-tunnel/1``
+    after ``101 Switching Protocols`` the connection carries tunnel frames
+    directly (the fastest path; nginx, HAProxy and Envoy pass any upgrade).
+``Upgrade: websocket`` with sub-protocol ``arc-tunnel.v1``
+    tunnel frames ride WebSocket binary messages (autobahn), for load
+    balancers that pass only WebSocket.  Message boundaries carry no
+    meaning: the concatenated payloads are the frame stream.
+
+Refusals are ordinary HTTP answers: the status line's reason phrase and a
+JSON body ``{"message": ...}`` say why, so the dialing side can print the
+cause and the fix.
+"""
+
+import json
+import re
+
+from autobahn.twisted.websocket import (WebSocketClientFactory, WebSocketClientProtocol,
+                                        WebSocketServerFactory, WebSocketServerProtocol)
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from arc.tls import set_nodelay
+
+RAW_UPGRADE = "arc-tunnel/1"
+WS_SUBPROTOCOL = "arc-tunnel.v1"
+MAX_HEAD = 16 * 1024
+MAX_ERROR_BODY = 4096
+
+
+class HeadError(Exception):
+    """An HTTP head that cannot be accepted."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class UpgradeRefused(Exception):
+    """The relay answered the tunnel request with something other than 101."""
+
+    def __init__(self, status, message):
+        super().__init__("%s %s" % (status, message))
+        self.status = status
+        self.message = message
+
+
+def parse_head(buf):
+    """Split an HTTP/1.1 head off ``buf``.
+
+    Returns ``None`` while incomplete, else ``(start_line_parts, headers,
+    rest)`` with ``headers`` a list of ``(lower-case name, value)``.
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_HEAD:
+            raise HeadError(431, "request head larger than %d bytes" % MAX_HEAD)
+        return None
+    if end > MAX_HEAD:
+        raise HeadError(431, "request head larger than %d bytes" % MAX_HEAD)
+    try:
+        text = bytes(buf[:end]).decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
+        raise HeadError(400, "undecodable head")
+    lines = text.split("\r\n")
+    start = lines[0].split(" ", 2)
+    if len(start) < 2:
+        raise HeadError(400, "malformed start line")
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise HeadError(400, "malformed header line")
+        headers.append((name.lower(), value.strip()))
+    return start, headers, bytes(buf[end + 4:])
+
+
+def header_value(headers, name):
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def header_tokens(headers, name):
+    tokens = set()
+    for key, value in headers:
+        if key == name:
+            tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def _reason_phrase(message):
+    phrase = re.sub(r"[^\x20-\x7e]", "?", message)[:200]
+    return phrase or "Error"
+
+
+def http_error(status, message, extra_headers=()):
+    """An HTTP/1.1 error answer whose reason phrase and body carry ``message``."""
+    body = json.dumps({"message": message}).encode("utf-8")
+    lines = ["HTTP/1.1 %d %s" % (status, _reason_phrase(message)),
+             "Content-Type: application/json",
+             "Content-Length: %d" % len(body),
+             "Connection: close"]
+    lines.extend("%s: %s" % h for h in extra_headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# -- accepting side ---------------------------------------------------------
+
+
+class TunnelRequest:
+    """What the accepting side learned from the upgrade request."""
+
+    def __init__(self, method, path, headers, peer):
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.peer = peer
+
+    def header(self, name):
+        return header_value(self.headers, name)
+
+    def bearer(self):
+        value = self.header("authorization") or ""
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return token.strip()
+
+
+class TunnelServerProtocol(Protocol):
+    """Reads one HTTP/1.1 request head, authenticates it, then upgrades.
+
+    The factory supplies ``accept(request) -> start`` where ``start(send,
+    close)`` returns the session (``dataReceived``/``connectionLost``), or
+    raises :class:`HeadError` to refuse; and ``plain(request) -> bytes`` for
+    non-upgrade requests such as health checks.
+    """
+
+    log = Logger()
+
+    def __init__(self, factory):
+        self.factory = factory
+        self._buf = bytearray()
+        self._inner = None
+        self._timer = None
+        self._done = False
+
+    def connectionMade(self):
+        set_nodelay(self.transport)
+        self._timer = self.factory.clock.callLater(self.factory.head_timeout, self._head_timeout)
+
+    def _head_timeout(self):
+        self._timer = None
+        self.log.info("tunnel request head not complete within {t} s from {peer}; closing",
+                      t=self.factory.head_timeout, peer=str(self.transport.getPeer()))
+        self._refuse(408, "request head not received in time")
+
+    def _refuse(self, status, message):
+        self._done = True
+        self.transport.write(http_error(status, message))
+        self.transport.loseConnection()
+
+    def dataReceived(self, data):
+        if self._inner is not None:
+            self._inner.dataReceived(data)
+            return
+        if self._done:
+            return
+        self._buf += data
+        try:
+            head = parse_head(self._buf)
+        except HeadError as e:
+            self._refuse(e.status, e.message)
+            return
+        if head is None:
+            return
+        self._cancel_timer()
+        start, headers, rest = head
+        method, path = start[0], start[1]
+        request = TunnelRequest(method, path, headers, self.transport.getPeer())
+        upgrade = header_tokens(headers, "upgrade")
+        if not upgrade:
+            self._done = True
+            self.transport.write(self.factory.plain(request))
+            self.transport.loseConnection()
+            return
+        try:
+            start_session = self.factory.accept(request)
+        except HeadError as e:
+            self._refuse(e.status, e.message)
+            return
+        if RAW_UPGRADE in upgrade:
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
+                                 b"Connection: Upgrade\r\nUpgrade: " + RAW_UPGRADE.encode()
+                                 + b"\r\n\r\n")
+            session = start_session(self.transport.writeSequence, self.transport.loseConnection)
+            self._inner = session
+            # Hot path: frames go straight to the session from now on.
+            self.dataReceived = session.dataReceived
+            if rest:
+                session.dataReceived(rest)
+        elif "websocket" in upgrade:
+            ws = self.factory.websocket.buildProtocol(self.transport.getPeer())
+            ws.start_session = start_session
+            self._inner = ws
+            ws.makeConnection(self.transport)
+            ws.dataReceived(bytes(self._buf))
+        else:
+            self._refuse(400, "unsupported upgrade %r: use %s or websocket"
+                         % (sorted(upgrade), RAW_UPGRADE))
+        self._buf = bytearray()
+
+    def _cancel_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason):
+        self._cancel_timer()
+        if self._inner is not None:
+            self._inner.connectionLost(reason)
+
+
+class _WSServerProtocol(WebSocketServerProtocol):
+    start_session = None
+    session = None
+
+    def onConnect(self, request):
+        if WS_SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(400, "WebSocket sub-protocol %s required" % WS_SUBPROTOCOL)
+        return WS_SUBPROTOCOL
+
+    def onOpen(self):
+        self.session = self.start_session(self._send, self.dropConnection)
+
+    def _send(self, chunks):
+        self.sendMessage(b"".join(chunks), isBinary=True)
+
+    def onMessage(self, payload, isBinary):
+        self.session.dataReceived(payload)
+
+    def onClose(self, wasClean, code, reason):
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.connectionLost("WebSocket closed: %s" % (reason or code,))
+
+
+class TunnelServerFactory(Factory):
+    """Listener factory; see :class:`TunnelServerProtocol`."""
+
+    def __init__(self, clock, accept, plain, *, head_timeout=10.0, require_mask=False,
+                 max_message=4 * 1024 * 1024):
+        self.clock = clock
+        self.accept = accept
+        self.plain = plain
+        self.head_timeout = head_timeout
+        self.websocket = WebSocketServerFactory()
+        self.websocket.protocol = _WSServerProtocol
+        self.websocket.setProtocolOptions(
+            requireMaskedClientFrames=require_mask, maxMessagePayloadSize=max_message,
+            maxFramePayloadSize=max_message, autoFragmentSize=0, failByDrop=True,
+            openHandshakeTimeout=head_timeout, utf8validateIncoming=False)
+
+    def buildProtocol(self, addr):
+        return TunnelServerProtocol(self)
+
+
+# -- dialing side ---------------------------------------------------------------
+
+
+def request_head(host, path, headers, upgrade=RAW_UPGRADE):
+    lines = ["GET %s HTTP/1.1" % path, "Host: %s" % host,
+             "Connection: Upgrade", "Upgrade: %s" % upgrade]
+    lines.extend("%s: %s" % (k, v) for k, v in headers.items())
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class RawDialerProtocol(Protocol):
+    """Sends the upgrade request, then carries the session's frames.
+
+    ``upgraded`` fires with the session after ``101``, or fails with
+    :class:`UpgradeRefused`.
+    """
+
+    def __init__(self, head, make_session, clock, timeout):
+        self._head = head
+        self._make_session = make_session
+        self._clock = clock
+        self._timeout = timeout
+        self._buf = bytearray()
+        self._status = None
+        self._body_needed = 0
+        self.session = None
+        self.upgraded = defer.Deferred()
+        self._timer = None
+
+    def connectionMade(self):
+        set_nodelay(self.transport)
+        self.transport.write(self._head)
+        self._timer = self._clock.callLater(self._timeout, self._timed_out)
+
+    def _timed_out(self):
+        self._timer = None
+        self._fail(UpgradeRefused(0, "no answer to the tunnel request within %.0f s"
+                                  % self._timeout))
+        self.transport.abortConnection()
+
+    def _fail(self, exc):
+        if not self.upgraded.called:
+            self.upgraded.errback(exc)
+
+    def dataReceived(self, data):
+        self._buf += data
+        if self._status is not None:
+            self._collect_body()
+            return
+        try:
+            head = parse_head(self._buf)
+        except HeadError as e:
+            self._fail(UpgradeRefused(0, "bad answer from relay: %s" % e.message))
+            self.transport.abortConnection()
+            return
+        if head is None:
+            return
+        start, headers, rest = head
+        try:
+            status = int(start[1])
+        except ValueError:
+            status = 0
+        if status == 101:
+            self._cancel_timer()
+            session = self._make_session()
+            self.session = session
+            session.connected(self.transport.writeSequence, self.transport.loseConnection)
+            self.dataReceived = session.dataReceived
+            self.upgraded.callback(session)
+            if rest:
+                session.dataReceived(rest)
+            return
+        self._status = (status, start[2] if len(start) > 2 else "")
+        length = header_value(headers, "content-length")
+        self._body_needed = min(int(length), MAX_ERROR_BODY) if length and length.isdigit() else 0
+        self._buf = bytearray(rest)
+        self._collect_body()
+
+    def _collect_body(self):
+        if len(self._buf) < self._body_needed:
+            return
+        self._cancel_timer()
+        status, phrase = self._status
+        message = phrase
+        try:
+            message = json.loads(bytes(self._buf[:self._body_needed]))["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        self._fail(UpgradeRefused(status, message))
+        self.transport.loseConnection()
+
+    def _cancel_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason):
+        self._cancel_timer()
+        if self.session is not None:
+            self.session.connectionLost("connection to relay lost: %s"
+                                        % (reason.getErrorMessage(),))
+        else:
+            self._fail(UpgradeRefused(0, "connection closed before the tunnel was up: %s"
+                                      % (reason.getErrorMessage(),)))
+
+
+class RawDialerFactory(Factory):
+    def __init__(self, host, path, headers, make_session, clock, timeout=15.0):
+        self.head = request_head(host, path, headers)
+        self.make_session = make_session
+        self.clock = clock
+        self.timeout = timeout
+
+    def buildProtocol(self, addr):
+        return RawDialerProtocol(self.head, self.make_session, self.clock, self.timeout)
+
+
+_WS_FAIL = re.compile(r"upgrade failed \[(\d+)\]: ?(.*)", re.S)
+
+
+class _WSDialerProtocol(WebSocketClientProtocol):
+    session = None
+
+    def __init__(self):
+        super().__init__()
+        self.upgraded = defer.Deferred()
+
+    def onOpen(self):
+        self.session = self.factory.make_session()
+        self.session.connected(self._send, self.dropConnection)
+        self.upgraded.callback(self.session)
+
+    def _send(self, chunks):
+        self.sendMessage(b"".join(chunks), isBinary=True)
+
+    def onMessage(self, payload, isBinary):
+        self.session.dataReceived(payload)
+
+    def onClose(self, wasClean, code, reason):
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.connectionLost("WebSocket to relay closed: %s" % (reason or code,))
+            return
+        if not self.upgraded.called:
+            text = self.wasNotCleanReason or reason or "connection closed"
+            match = _WS_FAIL.search(text)
+            if match:
+                self.upgraded.errback(UpgradeRefused(int(match.group(1)), match.group(2)))
+            else:
+                self.upgraded.errback(UpgradeRefused(0, text))
+
+
+def websocket_dialer_factory(url, headers, make_session, *, mask=True, timeout=15.0):
+    factory = WebSocketClientFactory(url, protocols=[WS_SUBPROTOCOL], headers=headers)
+    factory.protocol = _WSDialerProtocol
+    factory.make_session = make_session
+    factory.setProtocolOptions(maskClientFrames=mask, autoFragmentSize=0,
+                               maxMessagePayloadSize=4 * 1024 * 1024,
+                               maxFramePayloadSize=4 * 1024 * 1024, failByDrop=True,
+                               openHandshakeTimeout=timeout, tcpNoDelay=True)
+    return factory

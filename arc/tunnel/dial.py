@@ -1,0 +1,159 @@
+"""Keep one outbound tunnel to the relay up, whatever happens.
+
+:class:`TunnelDialer` is a ``Service`` around ``ClientService``: it dials
+the relay over TLS (name checked with service_identity), sends the upgrade
+request with the bearer credential, and counts an attempt as successful
+only once the relay answered ``101``.  Any loss — network, relay restart,
+dead-peer detection — is followed by a new attempt after a full-jitter
+exponential backoff, so a fleet of agents does not stampede a relay that
+comes back.
+"""
+
+import random
+from urllib.parse import urlsplit
+
+from twisted.application.internet import ClientService
+from twisted.application.service import Service
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+
+from arc.tunnel.carrier import RawDialerFactory, UpgradeRefused, websocket_dialer_factory
+
+
+def full_jitter(initial=0.5, maximum=30.0, factor=2.0, rng=random.random):
+    """Backoff policy: uniform in [0, min(maximum, initial * factor**n)]."""
+
+    def policy(attempt):
+        ceiling = min(maximum, initial * factor ** min(attempt, 64))
+        return max(0.05, ceiling * rng())
+
+    return policy
+
+
+def explain_refusal(what, failure):
+    """One line naming the cause of a failed tunnel attempt, and the fix."""
+    exc = failure.value
+    if isinstance(exc, UpgradeRefused):
+        if exc.status == 401:
+            return ("relay rejected the %s credential: %s (check the token file and the "
+                    "relay's registry)" % (what, exc.message))
+        if exc.status == 403:
+            return "relay refused the %s: %s" % (what, exc.message)
+        if exc.status:
+            return "relay answered %d: %s" % (exc.status, exc.message)
+        return exc.message
+    return failure.getErrorMessage()
+
+
+class TunnelDialer(Service):
+    """Dial ``relay_url`` and keep a tunnel session up.
+
+    :param make_session: returns a fresh, not yet connected, Session.
+    :param credential: callable returning the bearer token (re-read at each
+        attempt, so a rotated token file is picked up).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, *, relay_url, path, credential, make_session, tls_options,
+                 transport="tunnel", extra_headers=None, what="agent", backoff=None,
+                 ws_mask=True):
+        self.reactor = reactor
+        self.relay_url = relay_url
+        self.path = path
+        self.credential = credential
+        self.make_session = make_session
+        self.tls_options = tls_options
+        self.transport = transport
+        self.extra_headers = dict(extra_headers or {})
+        self.what = what
+        self.backoff = backoff or full_jitter()
+        self.ws_mask = ws_mask
+        self.session = None
+        self.last_error = None
+        self.connects = 0
+        self._client = None
+
+    def _headers(self):
+        headers = dict(self.extra_headers)
+        headers["Authorization"] = "Bearer " + self.credential()
+        return headers
+
+    def _endpoint(self):
+        parts = urlsplit(self.relay_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        endpoint = HostnameEndpoint(self.reactor, parts.hostname, port)
+        if parts.scheme == "https":
+            endpoint = wrapClientTLS(self.tls_options, endpoint)
+        return endpoint
+
+    def _factory(self):
+        parts = urlsplit(self.relay_url)
+        host = parts.netloc
+        dialer = self
+
+        class _Factory:
+            # Built lazily per attempt so the credential is re-read each time.
+            def doStart(self):
+                pass
+
+            def doStop(self):
+                pass
+
+            def buildProtocol(self, addr):
+                try:
+                    headers = dialer._headers()
+                except Exception as e:
+                    dialer.last_error = str(e)
+                    dialer.log.error("cannot read the {what} credential: {error}",
+                                     what=dialer.what, error=str(e))
+                    return None
+                if dialer.transport == "websocket":
+                    scheme = "wss" if parts.scheme == "https" else "ws"
+                    factory = websocket_dialer_factory(
+                        "%s://%s%s" % (scheme, host, dialer.path), headers,
+                        dialer.make_session, mask=dialer.ws_mask)
+                else:
+                    factory = RawDialerFactory(host, dialer.path, headers, dialer.make_session,
+                                               dialer.reactor)
+                protocol = factory.buildProtocol(addr)
+                protocol.factory = factory
+                return protocol
+
+        return _Factory()
+
+    def _prepare(self, protocol):
+        d = protocol.upgraded
+
+        def up(session):
+            self.session = session
+            self.connects += 1
+            self.last_error = None
+            self.log.info("tunnel to {url} up ({transport})", url=self.relay_url,
+                          transport=self.transport)
+            return session
+
+        def refused(failure):
+            self.last_error = explain_refusal(self.what, failure)
+            self.log.error("tunnel to {url} failed: {error}", url=self.relay_url,
+                           error=self.last_error)
+            return failure
+
+        return d.addCallbacks(up, refused)
+
+    def startService(self):
+        super().startService()
+        self._client = ClientService(self._endpoint(), self._factory(), retryPolicy=self.backoff,
+                                     clock=self.reactor, prepareConnection=self._prepare)
+        self._client.startService()
+
+    def stopService(self):
+        super().stopService()
+        client, self._client = self._client, None
+        if self.session is not None:
+            self.session.goAway()
+        return client.stopService() if client is not None else None
+
+    def whenUp(self):
+        """Deferred firing with a connected session."""
+        return self._client.whenConnected().addCallback(lambda protocol: self.session)

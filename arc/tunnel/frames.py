@@ -1,0 +1,184 @@
+"""Tunnel frame codec (sans-I/O): bytes in, frames out, and back.
+
+Every frame starts with a fixed 12-byte header, network byte order::
+
+    version:u8  type:u8  flags:u16  stream_id:u32  length:u32
+
+``length`` is the payload size for DATA frames; for WINDOW_UPDATE it is the
+credit granted, for PING the opaque value echoed back, for GOAWAY the error
+code.  Only DATA frames carry a payload.  See docs/protocol.md.
+"""
+
+import struct
+
+VERSION = 1
+
+HEADER = struct.Struct("!BBHII")
+HEADER_SIZE = HEADER.size
+
+# Frame types.
+DATA = 0
+WINDOW_UPDATE = 1
+PING = 2
+GOAWAY = 3
+TYPE_NAMES = {DATA: "DATA", WINDOW_UPDATE: "WINDOW_UPDATE", PING: "PING", GOAWAY: "GOAWAY"}
+
+# Flags.
+SYN = 0x1
+ACK = 0x2
+FIN = 0x4
+RST = 0x8
+ALL_FLAGS = SYN | ACK | FIN | RST
+
+# Hard protocol limits.
+MAX_STREAM_ID = 0xFFFFFFFF
+DEFAULT_MAX_FRAME = 256 * 1024
+INITIAL_WINDOW = 256 * 1024
+MAX_WINDOW = 0x7FFFFFFF
+
+# Error codes, carried by RST payloads and GOAWAY frames.
+NORMAL = 0
+PROTOCOL_ERROR = 1
+INTERNAL_ERROR = 2
+FLOW_CONTROL_ERROR = 3
+REFUSED = 4
+UNAUTHORIZED = 5
+FORBIDDEN = 6
+UNKNOWN_CLUSTER = 7
+CLUSTER_OFFLINE = 8
+UPSTREAM_UNREACHABLE = 9
+GOING_AWAY = 10
+TUNNEL_LOST = 11
+TIMEOUT = 12
+LIMIT_EXCEEDED = 13
+CANCELLED = 14
+
+ERROR_NAMES = {
+    NORMAL: "NORMAL",
+    PROTOCOL_ERROR: "PROTOCOL_ERROR",
+    INTERNAL_ERROR: "INTERNAL_ERROR",
+    FLOW_CONTROL_ERROR: "FLOW_CONTROL_ERROR",
+    REFUSED: "REFUSED",
+    UNAUTHORIZED: "UNAUTHORIZED",
+    FORBIDDEN: "FORBIDDEN",
+    UNKNOWN_CLUSTER: "UNKNOWN_CLUSTER",
+    CLUSTER_OFFLINE: "CLUSTER_OFFLINE",
+    UPSTREAM_UNREACHABLE: "UPSTREAM_UNREACHABLE",
+    GOING_AWAY: "GOING_AWAY",
+    TUNNEL_LOST: "TUNNEL_LOST",
+    TIMEOUT: "TIMEOUT",
+    LIMIT_EXCEEDED: "LIMIT_EXCEEDED",
+    CANCELLED: "CANCELLED",
+}
+
+RST_CODE = struct.Struct("!I")
+MAX_REASON = 1024
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing rules; the tunnel must be closed."""
+
+    def __init__(self, message, code=PROTOCOL_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+def header(ftype, flags, stream_id, length):
+    """Encode one frame header."""
+    return HEADER.pack(VERSION, ftype, flags, stream_id, length)
+
+
+def rst_payload(code, reason=""):
+    """Payload of a DATA|RST frame: error code and a UTF-8 reason."""
+    text = reason.encode("utf-8", "replace")[:MAX_REASON]
+    return RST_CODE.pack(code) + text
+
+
+def parse_rst(payload):
+    """Decode an RST payload into ``(code, reason)``; tolerant of junk."""
+    if len(payload) < RST_CODE.size:
+        return PROTOCOL_ERROR, "reset without an error code"
+    (code,) = RST_CODE.unpack_from(payload)
+    return code, bytes(payload[RST_CODE.size:]).decode("utf-8", "replace")
+
+
+class FrameDecoder:
+    """Incremental decoder.
+
+    ``feed(data)`` returns the list of complete frames, each a tuple
+    ``(type, flags, stream_id, length, payload)`` where payload is ``bytes``
+    (empty for frames without one).  Malformed input raises
+    :class:`ProtocolError`; after that the decoder refuses further input.
+    Memory is bounded: at most one incomplete frame (header plus
+    ``max_frame`` bytes) is held between calls.
+    """
+
+    def __init__(self, max_frame=DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._failed = None
+
+    @property
+    def buffered(self):
+        return len(self._buf)
+
+    def feed(self, data):
+        if self._failed is not None:
+            raise self._failed
+        buf = self._buf
+        if buf:
+            buf += data
+            view = buf
+        else:
+            view = data
+        frames = []
+        offset = 0
+        end = len(view)
+        unpack = HEADER.unpack_from
+        while end - offset >= HEADER_SIZE:
+            version, ftype, flags, stream_id, length = unpack(view, offset)
+            try:
+                self._check(version, ftype, flags, stream_id, length)
+            except ProtocolError as e:
+                self._failed = e
+                self._buf = bytearray()
+                raise
+            if ftype == DATA:
+                stop = offset + HEADER_SIZE + length
+                if stop > end:
+                    break
+                payload = bytes(view[offset + HEADER_SIZE:stop])
+                offset = stop
+            else:
+                payload = b""
+                offset += HEADER_SIZE
+            frames.append((ftype, flags, stream_id, length, payload))
+        if offset < end:
+            # Keep the incomplete tail (at most one frame) for next time.
+            if buf:
+                del buf[:offset]
+            else:
+                self._buf = bytearray(view[offset:])
+        elif buf:
+            buf.clear()
+        return frames
+
+    def _check(self, version, ftype, flags, stream_id, length):
+        if version != VERSION:
+            raise ProtocolError("unsupported tunnel protocol version %d (this side speaks %d)"
+                                % (version, VERSION))
+        if ftype not in TYPE_NAMES:
+            raise ProtocolError("unknown frame type %d" % (ftype,))
+        if flags & ~ALL_FLAGS:
+            raise ProtocolError("unknown flags 0x%x" % (flags,))
+        if ftype in (DATA, WINDOW_UPDATE):
+            if stream_id == 0:
+                raise ProtocolError("%s on stream 0" % (TYPE_NAMES[ftype],))
+            if ftype == DATA and length > self.max_frame:
+                raise ProtocolError("frame of %d bytes exceeds the limit of %d"
+                                    % (length, self.max_frame))
+            if ftype == WINDOW_UPDATE and length > MAX_WINDOW:
+                raise ProtocolError("window update of %d exceeds %d" % (length, MAX_WINDOW),
+                                    FLOW_CONTROL_ERROR)
+        elif stream_id != 0:
+            raise ProtocolError("%s on stream %d (must be 0)" % (TYPE_NAMES[ftype], stream_id))

@@ -1,0 +1,273 @@
+"""The tunnel session: many streams over one ordered byte carrier.
+
+A :class:`Session` owns the connection-level state of one tunnel: the frame
+decoder, stream-id allocation, keepalive and dead-peer detection, GOAWAY and
+the limits.  It never touches a socket: the carrier adaptor (see
+``arc.tunnel.carrier``) feeds it bytes with :meth:`Session.dataReceived` and
+gives it a ``send`` callable taking a list of byte strings.  Time comes from
+an injected ``IReactorTime``, so every timer is testable with ``Clock``.
+
+Each stream is served by a *handler*: any object with
+``frameReceived(ftype, flags, value, payload)`` and ``tunnelLost(code,
+reason)``.  Endpoints use :class:`arc.tunnel.stream.Stream` (an
+``ITransport`` any Twisted protocol can run on); the relay uses splice halves
+that forward frames to another session without decoding payloads.
+"""
+
+from dataclasses import dataclass
+
+from twisted.logger import Logger
+
+from arc.tunnel import frames as F
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Tunnel limits; every one is configurable."""
+
+    max_frame: int = F.DEFAULT_MAX_FRAME
+    max_streams: int = 10000
+    ping_interval: float = 15.0
+    dead_after: float = 45.0
+    open_timeout: float = 30.0
+
+
+class RefuseStream(Exception):
+    """Raised by an ``on_open`` callback to refuse an incoming stream."""
+
+    def __init__(self, code, reason):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Session:
+    """Connection-level state of one tunnel (sans-I/O, clock injected).
+
+    :param dialer: True on the side that opened the connection; it uses odd
+        stream ids, the accepting side even ones.
+    :param on_open: ``on_open(session, stream_id, metadata) -> handler``;
+        may raise :class:`RefuseStream`.  ``None`` refuses every open.
+    :param on_goaway: ``on_goaway(session, code)`` when the peer drains.
+    :param on_close: ``on_close(session, code, reason)`` once, when the
+        tunnel ends for any reason.
+    """
+
+    log = Logger()
+
+    def __init__(self, *, dialer, clock, limits=Limits(), name="tunnel",
+                 on_open=None, on_goaway=None, on_close=None):
+        self.dialer = dialer
+        self.clock = clock
+        self.limits = limits
+        self.name = name
+        self.on_open = on_open
+        self.on_goaway = on_goaway
+        self.on_close = on_close
+        self.streams = {}
+        self._next_id = 1 if dialer else 2
+        self._decoder = F.FrameDecoder(limits.max_frame)
+        self._send = None
+        self._close_transport = None
+        self._timer = None
+        self._last_rx = clock.seconds()
+        self._ping_sent = {}
+        self._ping_seq = 0
+        self.rtt = None
+        self.local_goaway = False
+        self.remote_goaway = False
+        self.closed = False
+        self.close_reason = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- carrier side ------------------------------------------------------
+
+    def connected(self, send, close):
+        """The carrier is ready: ``send(list_of_bytes)``, ``close()``."""
+        self._send = send
+        self._close_transport = close
+        self._last_rx = self.clock.seconds()
+        if self.limits.ping_interval:
+            self._timer = self.clock.callLater(self.limits.ping_interval, self._tick)
+
+    def dataReceived(self, data):
+        if self.closed:
+            return
+        self._last_rx = self.clock.seconds()
+        self.bytes_in += len(data)
+        try:
+            received = self._decoder.feed(data)
+        except F.ProtocolError as e:
+            self.fail(e.code, str(e))
+            return
+        streams = self.streams
+        for ftype, flags, sid, value, payload in received:
+            if ftype == F.DATA or ftype == F.WINDOW_UPDATE:
+                if flags & F.SYN:
+                    self._incoming(ftype, flags, sid, value, payload)
+                    continue
+                handler = streams.get(sid)
+                if handler is not None:
+                    handler.frameReceived(ftype, flags, value, payload)
+                # Frames for streams already gone are late arrivals: dropped.
+            elif ftype == F.PING:
+                self._ping(flags, value)
+            else:
+                self._goaway_received(value)
+            if self.closed:
+                return
+
+    def connectionLost(self, why="tunnel connection lost"):
+        """The carrier is gone: reset every stream."""
+        self._shutdown(F.TUNNEL_LOST, why)
+
+    # -- stream side -------------------------------------------------------
+
+    def send(self, chunks):
+        if self._send is not None and not self.closed:
+            self.bytes_out += sum(len(c) for c in chunks)
+            self._send(chunks)
+
+    def send_frame(self, ftype, flags, sid, value, payload=b""):
+        if payload:
+            self.send([F.header(ftype, flags, sid, value), payload])
+        else:
+            self.send([F.header(ftype, flags, sid, value)])
+
+    def send_reset(self, sid, code, reason):
+        payload = F.rst_payload(code, reason)
+        self.send_frame(F.DATA, F.RST, sid, len(payload), payload)
+
+    def can_open(self):
+        return not (self.closed or self.local_goaway or self.remote_goaway)
+
+    def open(self, handler, metadata=b""):
+        """Open a stream served by ``handler``; returns its id.
+
+        ``handler`` may be a callable taking the new id and returning the
+        handler, for handlers that need their id at construction.
+        """
+        if not self.can_open():
+            raise RefuseStream(F.GOING_AWAY, "tunnel %s is closing" % (self.name,))
+        if len(self.streams) >= self.limits.max_streams:
+            raise RefuseStream(F.LIMIT_EXCEEDED,
+                               "tunnel %s has reached its limit of %d streams"
+                               % (self.name, self.limits.max_streams))
+        sid = self._next_id
+        if sid > F.MAX_STREAM_ID:
+            raise RefuseStream(F.LIMIT_EXCEEDED, "stream ids exhausted on tunnel %s" % self.name)
+        self._next_id += 2
+        if callable(handler) and not hasattr(handler, "frameReceived"):
+            handler = handler(sid)
+        self.streams[sid] = handler
+        self.send_frame(F.DATA, F.SYN, sid, len(metadata), metadata)
+        return sid
+
+    def remove(self, sid):
+        self.streams.pop(sid, None)
+
+    # -- drain and close ---------------------------------------------------
+
+    def goAway(self, code=F.NORMAL):
+        """Refuse new streams from now on and tell the peer so."""
+        if self.local_goaway or self.closed:
+            return
+        self.local_goaway = True
+        self.send_frame(F.GOAWAY, 0, 0, code)
+
+    def fail(self, code, reason):
+        """Close the tunnel for a protocol violation or a fatal condition."""
+        if self.closed:
+            return
+        self.log.warn("tunnel {name} closed: {reason}", name=self.name, reason=reason)
+        self.send_frame(F.GOAWAY, 0, 0, code)
+        self._shutdown(code, reason)
+        if self._close_transport is not None:
+            self._close_transport()
+
+    def close(self, reason="closed"):
+        """Close the carrier; streams are reset with TUNNEL_LOST."""
+        if self.closed:
+            return
+        self._shutdown(F.TUNNEL_LOST, reason)
+        if self._close_transport is not None:
+            self._close_transport()
+
+    def _shutdown(self, code, reason):
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        streams, self.streams = self.streams, {}
+        for handler in streams.values():
+            handler.tunnelLost(code, reason)
+        if self.on_close is not None:
+            self.on_close(self, code, reason)
+
+    # -- internals ---------------------------------------------------------
+
+    def _incoming(self, ftype, flags, sid, value, payload):
+        if (sid % 2 == 1) == self.dialer:
+            self.fail(F.PROTOCOL_ERROR, "peer opened stream %d with our parity" % sid)
+            return
+        if sid in self.streams:
+            self.fail(F.PROTOCOL_ERROR, "peer reopened live stream %d" % sid)
+            return
+        if self.local_goaway:
+            self.send_reset(sid, F.GOING_AWAY, "tunnel %s is draining" % self.name)
+            return
+        if len(self.streams) >= self.limits.max_streams:
+            self.send_reset(sid, F.LIMIT_EXCEEDED, "tunnel %s has reached its limit of %d streams"
+                            % (self.name, self.limits.max_streams))
+            return
+        if self.on_open is None:
+            self.send_reset(sid, F.REFUSED, "this side accepts no streams")
+            return
+        try:
+            handler = self.on_open(self, sid, payload if ftype == F.DATA else b"")
+        except RefuseStream as e:
+            self.send_reset(sid, e.code, e.reason)
+            return
+        except Exception:
+            self.log.failure("stream open handler failed on {name}", name=self.name)
+            self.send_reset(sid, F.INTERNAL_ERROR, "internal error opening the stream")
+            return
+        if handler is not None:
+            self.streams[sid] = handler
+
+    def _ping(self, flags, value):
+        if flags & F.SYN:
+            self.send_frame(F.PING, F.ACK, 0, value)
+        elif flags & F.ACK:
+            sent = self._ping_sent.pop(value, None)
+            if sent is not None:
+                self.rtt = self.clock.seconds() - sent
+
+    def _goaway_received(self, code):
+        self.remote_goaway = True
+        if self.on_goaway is not None:
+            self.on_goaway(self, code)
+
+    def ping(self):
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
+        # Keep only recent outstanding pings so a silent peer costs nothing.
+        if len(self._ping_sent) > 8:
+            self._ping_sent.clear()
+        self._ping_sent[self._ping_seq] = self.clock.seconds()
+        self.send_frame(F.PING, F.SYN, 0, self._ping_seq)
+
+    def _tick(self):
+        self._timer = None
+        if self.closed:
+            return
+        silent = self.clock.seconds() - self._last_rx
+        if silent >= self.limits.dead_after:
+            self.fail(F.TUNNEL_LOST, "peer silent for %.0f s (limit %.0f s): tunnel is dead"
+                      % (silent, self.limits.dead_after))
+            return
+        self.ping()
+        self._timer = self.clock.callLater(self.limits.ping_interval, self._tick)

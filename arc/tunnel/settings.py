@@ -1,0 +1,74 @@
+"""Configuration sections shared by every part that speaks the tunnel."""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+from urllib.parse import urlsplit
+
+from arc.tunnel import frames as F
+from arc.tunnel.session import Limits
+
+TRANSPORTS = ("tunnel", "websocket")
+
+
+def parse_limits(node):
+    """The optional ``tunnel:`` section: keepalive and limits."""
+    section = node.section("tunnel")
+    limits = Limits(
+        max_frame=section.positive("max_frame", int, F.DEFAULT_MAX_FRAME),
+        max_streams=section.positive("max_streams", int, Limits.max_streams),
+        ping_interval=section.positive("ping_interval", float, Limits.ping_interval),
+        dead_after=section.positive("dead_after", float, Limits.dead_after),
+        open_timeout=section.positive("open_timeout", float, Limits.open_timeout),
+    )
+    if limits.max_frame > 16 * 1024 * 1024:
+        raise section.error("max_frame", "must be at most 16 MiB")
+    if limits.dead_after <= limits.ping_interval:
+        raise section.error("dead_after", "must be longer than ping_interval (%s s)"
+                            % limits.ping_interval)
+    section.finish()
+    return limits
+
+
+@dataclass(frozen=True)
+class RelayLink:
+    """How an agent or a client reaches the relay."""
+
+    url: str
+    server_name: str
+    ca_pem: Optional[bytes]
+    credential: Callable[[], str]
+    transport: str
+    websocket_mask: bool
+
+    def tls_options(self):
+        from arc.tls import client_options
+        return client_options(self.server_name, ca_pem=self.ca_pem)
+
+
+def parse_relay_link(node):
+    """The ``relay:`` section of agent and client configurations."""
+    section = node.section("relay", required=True)
+    url = section.get("url", str)
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise section.error("url", "must look like https://relay.example.com[:port], not %r"
+                            % (url,))
+    if parts.path not in ("", "/"):
+        raise section.error("url", "must not carry a path (the tunnel paths are fixed)")
+    ca_path = section.path("ca_file", None)
+    ca_pem = None
+    if ca_path:
+        with open(ca_path, "rb") as f:
+            ca_pem = f.read()
+        if b"-----BEGIN CERTIFICATE-----" not in ca_pem:
+            raise section.error("ca_file", "%s holds no PEM certificate" % (ca_path,))
+    link = RelayLink(
+        url=url,
+        server_name=section.get("server_name", str, parts.hostname),
+        ca_pem=ca_pem,
+        credential=section.secret("token"),
+        transport=section.choice("transport", TRANSPORTS, "tunnel"),
+        websocket_mask=section.get("websocket_mask", bool, True),
+    )
+    section.finish()
+    return link
