@@ -25,7 +25,7 @@ RESET_STATUS = {
     F.TIMEOUT: 504,
     F.LIMIT_EXCEEDED: 503,
 }
-RETRY_AFTER = 5
+RETRY_AFTER = 1
 
 
 def status_body(code, message):

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from arc import status
-from arc.client.localca import SERVER_NAME_SUFFIX
+from arc.client.localca import SERVER_NAME_SUFFIX as _DOMAIN
 from arc.tls import set_nodelay
 from arc.tunnel import frames as F
 from arc.tunnel.pipe import StreamPipe
@@ -28,6 +28,7 @@ from arc.tunnel.session import RefuseStream
 from arc.tunnel.stream import Stream, StreamReset
 
 MAX_HEAD_SCAN = 64 * 1024
+SERVER_NAME_SUFFIX = "." + _DOMAIN
 
 
 class ClientPipe(StreamPipe):
