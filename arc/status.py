@@ -25,7 +25,7 @@ RESET_STATUS = {
     F.TIMEOUT: 504,
     F.LIMIT_EXCEEDED: 503,
 }
-RETRY_AFTER = 1
+RETRY_AFTER = 0
 
 
 def status_body(code, message):
@@ -33,6 +33,12 @@ def status_body(code, message):
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": message, "reason": _REASONS.get(code, "InternalError"), "code": code,
     }).encode("utf-8")
+
+
+def _warning_text(message):
+    text = "".join(c if 0x20 <= ord(c) < 0x7f and c not in '"\\' else "'" if c == '"' else "?"
+                   for c in message)
+    return text[:500]
 
 
 def status_response(code, message):
@@ -45,6 +51,9 @@ def status_response(code, message):
              "Connection: close"]
     if code in (503, 504):
         lines.append("Retry-After: %d" % RETRY_AFTER)
+    # kubectl prints Warning headers even where it shows a generic text for
+    # the status (discovery requests): the cause always reaches the user.
+    lines.append('Warning: 299 - "%s"' % _warning_text(message))
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 

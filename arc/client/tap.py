@@ -100,7 +100,8 @@ class ProxyService(MultiService):
                      "tls-server-name": self.local_ca.server_name(cluster.name)}
             user = {"tokenFile": cluster.token_file} if cluster.token_file else {}
             merge_context(self.kubeconfig_path, context=cluster.context, cluster_entry=entry,
-                          user_entry=user, set_current=self.config.set_current_context)
+                          user_entry=user, set_current=self.config.set_current_context
+                          and cluster is self.config.clusters[0])
             self.log.info("kubeconfig {path}: context {context} -> cluster {cluster} via "
                           "{server}", path=self.kubeconfig_path, context=cluster.context,
                           cluster=cluster.name, server=entry["server"])
