@@ -8,23 +8,16 @@ test's cleanup.  Waits are polls bounded in time.
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
+
 
 import yaml
 
 from arc import demo
+from arc.testing.procs import Part, free_port, port_in_use, start_apiserver, twist, wait_for
 
 API_TOKEN = "integration-admin-token"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kubectl_binary():
@@ -34,60 +27,6 @@ def kubectl_binary():
         raise RuntimeError("kubectl is not on PATH: install it to run the integration tests")
     versioned = os.path.join(os.path.dirname(os.path.realpath(found)), "kubectl.1.33")
     return versioned if os.path.exists(versioned) else found
-
-
-def wait_for(predicate, timeout, what, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
-
-
-class Part:
-    """One process, logging to ``log``."""
-
-    def __init__(self, name, argv, log, env=None):
-        self.name = name
-        self.argv = argv
-        self.log = log
-        self.env = env
-        self.proc = None
-
-    def start(self):
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=os.path.dirname(self.log),
-                                     env=self.env)
-        out.close()
-        return self
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig=signal.SIGTERM, timeout=10):
-        if not self.running():
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def kill(self):
-        self.stop(signal.SIGKILL)
-
-    def output(self):
-        with open(self.log, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-
-def twist(plugin, config):
-    return [sys.executable, "-m", "twisted", "--log-format=text", plugin, "--config", config]
 
 
 class Chain:
@@ -115,15 +54,9 @@ class Chain:
         return part.start()
 
     def start_api(self):
-        argv = [sys.executable, "-m", "arc.testing.apiserver", "--state-dir", self.api_dir,
-                "--token", "%s=admin:system:masters" % API_TOKEN,
-                "--request-log", os.path.join(self.base, "api-requests.jsonl")]
-        self.add("api", argv)
-        port_file = os.path.join(self.api_dir, "port")
-        wait_for(lambda: os.path.exists(port_file) and open(port_file).read().strip(), 20,
-                 "the API server emulator to listen")
-        wait_for(lambda: os.path.exists(os.path.join(self.api_dir, "kubeconfig")), 5,
-                 "the emulator's kubeconfig")
+        self.parts["api"] = start_apiserver(
+            self.base, tokens=["%s=admin:system:masters" % API_TOKEN],
+            extra=["--request-log", os.path.join(self.base, "api-requests.jsonl")])
 
     def start(self):
         self.start_api()
@@ -140,7 +73,8 @@ class Chain:
 
     def start_relay(self):
         self.add("relay", twist("arc-relay", self.files.relay_config))
-        wait_for(lambda: _connectable(self.files.relay_port), 20, "the relay to listen")
+        wait_for(lambda: port_in_use(self.files.relay_port), 20, "the relay to listen",
+                 alive=self.parts["relay"])
 
     def start_agent(self, config=None, name="agent"):
         return self.add(name, twist("arc-agent", config or self.files.agent_config))
@@ -188,14 +122,6 @@ class Chain:
                 "--cache-dir", self.cache] + list(args)
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL)
-
-
-def _connectable(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def read_until(proc, predicate, timeout):
