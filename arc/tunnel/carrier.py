@@ -151,6 +151,7 @@ class TunnelServerProtocol(Protocol):
         self.factory = factory
         self._buf = bytearray()
         self._inner = None
+        self._raw = False
         self._timer = None
         self._done = False
 
@@ -166,6 +167,7 @@ class TunnelServerProtocol(Protocol):
 
     def _refuse(self, status, message):
         self._done = True
+        self._cancel_timer()
         self.transport.write(http_error(status, message))
         self.transport.loseConnection()
 
@@ -204,6 +206,7 @@ class TunnelServerProtocol(Protocol):
                                  + b"\r\n\r\n")
             session = start_session(self.transport.writeSequence, self.transport.loseConnection)
             self._inner = session
+            self._raw = True
             # Hot path: frames go straight to the session from now on.
             self.dataReceived = session.dataReceived
             if rest:
@@ -226,7 +229,11 @@ class TunnelServerProtocol(Protocol):
 
     def connectionLost(self, reason):
         self._cancel_timer()
-        if self._inner is not None:
+        if self._raw:
+            # A session takes a reason text (it ends up in stream resets).
+            self._inner.connectionLost("tunnel connection lost: %s"
+                                       % (reason.getErrorMessage(),))
+        elif self._inner is not None:
             self._inner.connectionLost(reason)
 
 

@@ -106,11 +106,11 @@ class Session:
             if ftype == F.DATA or ftype == F.WINDOW_UPDATE:
                 if flags & F.SYN:
                     self._incoming(ftype, flags, sid, value, payload)
-                    continue
-                handler = streams.get(sid)
-                if handler is not None:
-                    handler.frameReceived(ftype, flags, value, payload)
-                # Frames for streams already gone are late arrivals: dropped.
+                else:
+                    handler = streams.get(sid)
+                    if handler is not None:
+                        handler.frameReceived(ftype, flags, value, payload)
+                    # Frames for streams already gone are late arrivals: dropped.
             elif ftype == F.PING:
                 self._ping(flags, value)
             else:

@@ -72,6 +72,7 @@ class Stream:
         self._source_paused = False
         self._paused = False
         self._inbox = []
+        self._ended = None
         self._open_timer = None
         self.acked = False
         self.bytes_in = 0
@@ -97,6 +98,11 @@ class Stream:
         """Run ``protocol`` on this stream; data that came early is delivered."""
         self.protocol = protocol
         protocol.makeConnection(self)
+        if self._ended is not None:
+            # Reset before any protocol was attached: tell this one at once.
+            self.protocol = None
+            protocol.connectionLost(Failure(self._ended))
+            return
         inbox, self._inbox = self._inbox, []
         for chunk in inbox:
             if self.disconnected:
@@ -291,6 +297,8 @@ class Stream:
         if self.protocol is not None:
             protocol, self.protocol = self.protocol, None
             protocol.connectionLost(Failure(reason))
+        else:
+            self._ended = reason
 
     # -- IPushProducer: our consumer pauses us --------------------------------
 
