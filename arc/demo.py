@@ -13,7 +13,6 @@ can be used, and stops every process on Ctrl-C or SIGTERM.
 import argparse
 import os
 import secrets
-import signal
 import sys
 from dataclasses import dataclass
 

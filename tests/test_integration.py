@@ -6,7 +6,6 @@ same tests run over both carriers (direct upgrade and WebSocket).
 
 import atexit
 import os
-import signal
 import tempfile
 import time
 import unittest as pyunit
