@@ -1,0 +1,195 @@
+"""Configuration files: every mistake stops start-up naming file, key and reason."""
+
+import os
+import subprocess
+import sys
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from arc.agent.config import load_agent_config
+from arc.client.config import load_client_config
+from arc.errors import ConfigError
+from arc.relay.config import load_relay_config
+from arc.relay.registry import token_digest
+from arc.relay.tap import Options as RelayOptions
+
+DIGEST = token_digest("agent-token")
+
+
+class ConfigTestCase(unittest.TestCase):
+    def write(self, name, text):
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        path = os.path.join(path, name)
+        with open(path, "w") as f:
+            f.write(text)
+        for extra in ("relay.crt", "relay.key", "ca.crt", "token"):
+            with open(os.path.join(os.path.dirname(path), extra), "w") as f:
+                f.write("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"
+                        if extra.endswith(".crt") else "secret-token\n")
+        return path
+
+    def assertConfigError(self, loader, path, key, reason):
+        with self.assertRaises(ConfigError) as caught:
+            loader(path)
+        error = caught.exception
+        self.assertEqual(error.file, path)
+        self.assertEqual(error.key, key)
+        self.assertIn(reason, error.reason)
+        self.assertTrue(str(error).startswith("%s: %s: " % (path, key)))
+        return error
+
+
+RELAY = """\
+listen: tcp:0:interface=127.0.0.1
+tls: {cert_file: relay.crt, key_file: relay.key}
+clusters:
+  demo: {agent_token_sha256: %s}
+users:
+  alice: {token_sha256: %s, groups: [dev]}
+bindings:
+  - {cluster: demo, groups: [dev]}
+""" % (DIGEST, token_digest("alice-token"))
+
+
+class RelayConfigTests(ConfigTestCase):
+    def test_valid(self):
+        cfg = load_relay_config(self.write("relay.yaml", RELAY))
+        self.assertTrue(cfg.registry.agent_ok("demo", "agent-token"))
+        self.assertFalse(cfg.registry.agent_ok("demo", "other"))
+        alice = cfg.registry.user("alice-token")
+        self.assertEqual(alice.name, "alice")
+        self.assertTrue(cfg.registry.allowed(alice, "demo"))
+
+    def test_misspelt_key(self):
+        path = self.write("relay.yaml", RELAY + "lisen: tcp:1\n")
+        self.assertConfigError(load_relay_config, path, "lisen", "unknown key")
+
+    def test_nested_unknown_key(self):
+        path = self.write("relay.yaml", RELAY.replace("key_file: relay.key",
+                                                      "key_file: relay.key, ca: x"))
+        self.assertConfigError(load_relay_config, path, "tls.ca", "unknown key")
+
+    def test_tls_required(self):
+        path = self.write("relay.yaml", RELAY.replace(
+            "tls: {cert_file: relay.crt, key_file: relay.key}\n", ""))
+        self.assertConfigError(load_relay_config, path, "tls", "give tls.cert_file")
+
+    def test_missing_certificate_file(self):
+        path = self.write("relay.yaml", RELAY.replace("relay.crt", "missing.crt"))
+        self.assertConfigError(load_relay_config, path, "tls.cert_file", "does not exist")
+
+    def test_bad_digest(self):
+        path = self.write("relay.yaml", RELAY.replace(DIGEST, "plain-token"))
+        self.assertConfigError(load_relay_config, path, "clusters.demo.agent_token_sha256",
+                               "hex SHA-256")
+
+    def test_binding_to_unknown_cluster(self):
+        path = self.write("relay.yaml", RELAY.replace("{cluster: demo,", "{cluster: dmeo,"))
+        self.assertConfigError(load_relay_config, path, "bindings[0].cluster", "not listed")
+
+    def test_cluster_name_must_be_dns_label(self):
+        path = self.write("relay.yaml", RELAY.replace("  demo:", "  Demo_1:").replace(
+            "{cluster: demo,", "{cluster: Demo_1,"))
+        self.assertConfigError(load_relay_config, path, "clusters.Demo_1", "DNS label")
+
+    def test_wrong_type(self):
+        path = self.write("relay.yaml", RELAY + "head_timeout: soon\n")
+        self.assertConfigError(load_relay_config, path, "head_timeout", "must be a number")
+
+    def test_keepalive_bounds(self):
+        path = self.write("relay.yaml", RELAY + "tunnel: {ping_interval: 30, dead_after: 20}\n")
+        self.assertConfigError(load_relay_config, path, "tunnel.dead_after",
+                               "longer than ping_interval")
+
+    def test_not_yaml(self):
+        path = self.write("relay.yaml", "listen: [unclosed\n")
+        with self.assertRaises(ConfigError) as caught:
+            load_relay_config(path)
+        self.assertIn("not valid YAML", str(caught.exception))
+
+    def test_missing_file(self):
+        with self.assertRaises(ConfigError) as caught:
+            load_relay_config("/nonexistent/relay.yaml")
+        self.assertIn("/nonexistent/relay.yaml", str(caught.exception))
+
+    def test_options_turn_errors_into_usage_errors(self):
+        path = self.write("relay.yaml", RELAY + "lisen: tcp:1\n")
+        options = RelayOptions()
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--config", path])
+        self.assertIn("%s: lisen: unknown key" % path, str(caught.exception))
+
+    def test_twistd_stops_with_the_reason(self):
+        """Start-up as a user runs it: one line naming file, key and reason; exit 1."""
+        path = self.write("relay.yaml", RELAY + "lisen: tcp:1\n")
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        result = subprocess.run([twistd, "-n", "arc-relay", "--config", path],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("%s: lisen: unknown key" % path, result.stdout + result.stderr)
+
+
+AGENT = """\
+cluster: demo
+relay:
+  url: https://relay.example.com:443
+  ca_file: ca.crt
+  token_file: token
+"""
+
+
+class AgentConfigTests(ConfigTestCase):
+    def test_valid(self):
+        cfg = load_agent_config(self.write("agent.yaml", AGENT))
+        self.assertEqual(cfg.cluster, "demo")
+        self.assertEqual(cfg.relay.credential(), "secret-token")
+        self.assertEqual(cfg.relay.server_name, "relay.example.com")
+
+    def test_inline_token_refused(self):
+        path = self.write("agent.yaml", AGENT.replace("token_file: token", "token: abc"))
+        self.assertConfigError(load_agent_config, path, "relay.token", "not accepted inline")
+
+    def test_token_env(self):
+        path = self.write("agent.yaml", AGENT.replace("token_file: token",
+                                                      "token_env: ARC_TEST_UNSET_VARIABLE"))
+        self.assertConfigError(load_agent_config, path, "relay.token_env", "is not set")
+
+    def test_bad_url(self):
+        path = self.write("agent.yaml", AGENT.replace("https://relay.example.com:443",
+                                                      "relay.example.com"))
+        self.assertConfigError(load_agent_config, path, "relay.url", "https://")
+
+    def test_transport_choice(self):
+        path = self.write("agent.yaml", AGENT + "  transport: carrier-pigeon\n")
+        self.assertConfigError(load_agent_config, path, "relay.transport", "one of")
+
+    def test_missing_cluster(self):
+        path = self.write("agent.yaml", AGENT.replace("cluster: demo\n", ""))
+        self.assertConfigError(load_agent_config, path, "cluster", "required")
+
+
+CLIENT = """\
+relay:
+  url: https://relay.example.com
+  token_file: token
+clusters:
+  - name: demo
+"""
+
+
+class ClientConfigTests(ConfigTestCase):
+    def test_valid_defaults(self):
+        cfg = load_client_config(self.write("client.yaml", CLIENT))
+        self.assertEqual(cfg.listen, "tcp:47011:interface=127.0.0.1")
+        self.assertEqual([c.context for c in cfg.clusters], ["demo"])
+
+    def test_no_clusters(self):
+        path = self.write("client.yaml", CLIENT.replace("  - name: demo\n", "  []\n").replace(
+            "clusters:\n  []", "clusters: []"))
+        self.assertConfigError(load_client_config, path, "clusters", "at least one cluster")
+
+    def test_duplicate_cluster(self):
+        path = self.write("client.yaml", CLIENT + "  - name: demo\n")
+        self.assertConfigError(load_client_config, path, "clusters[1].name", "listed twice")
