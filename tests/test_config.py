@@ -193,3 +193,29 @@ class ClientConfigTests(ConfigTestCase):
     def test_duplicate_cluster(self):
         path = self.write("client.yaml", CLIENT + "  - name: demo\n")
         self.assertConfigError(load_client_config, path, "clusters[1].name", "listed twice")
+
+
+class ExampleTests(ConfigTestCase):
+    """The commented examples in etc/ load with the real loaders."""
+
+    def example(self, name):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "etc", name)) as f:
+            text = f.read()
+        return self.write(name, text.replace("relay-ca.crt", "ca.crt").replace(
+            "/var/run/secrets/arc/agent-token", "token").replace(
+            "~/.config/arc/relay-token", "token").replace(
+            "~/.config/arc/prod-eu.token", "token"))
+
+    def test_relay_example(self):
+        cfg = load_relay_config(self.example("relay.yaml"))
+        self.assertEqual(sorted(cfg.registry.clusters), ["prod-eu", "staging"])
+
+    def test_agent_example(self):
+        cfg = load_agent_config(self.example("agent.yaml"))
+        self.assertEqual(cfg.cluster, "prod-eu")
+
+    def test_client_example(self):
+        cfg = load_client_config(self.example("client.yaml"))
+        self.assertEqual([c.name for c in cfg.clusters], ["prod-eu", "staging"])
+        self.assertEqual(cfg.clusters[1].listen, "tcp:47012:interface=127.0.0.1")
