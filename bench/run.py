@@ -1,0 +1,1083 @@
+#!/usr/bin/env python3
+"""Compare arc with a direct connection and with ``ssh -R``, all on loopback.
+
+One run starts an nginx backend over TLS (a stand-in for kube-apiserver),
+reaches it three or four ways, and measures the same workloads through each:
+
+    direct   https://127.0.0.1:NGINX_PORT
+    ssh-R    sshd + ``ssh -N -R`` forwarding a loopback port to nginx (TLS end to end)
+    arc      arc-client -> arc-relay -> arc-agent -> nginx  (tunnel transport)
+    arc-ws   the same with the websocket transport
+
+Workloads: small GETs (wrk, 1 and 64 connections), a bulk download (curl),
+and the CPU time spent by the processes on each path.  Prints a table of
+medians and writes every sample to a JSON file.
+
+    python bench/run.py [--quick] [--repeat N] [--duration S] [--out FILE]
+
+See bench/README.md for what the figures mean.
+"""
+
+import argparse
+import base64
+import datetime
+import json
+import os
+import platform
+import pwd
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+try:
+    import arc  # noqa: F401  (installed, or on PYTHONPATH)
+except ImportError:  # running from a checkout without PYTHONPATH
+    sys.path.insert(0, REPO)
+    import arc  # noqa: F401
+import yaml  # noqa: E402  (a dependency of arc)
+
+from arc import demo, pki  # noqa: E402
+
+PODS_PATH = "/api/v1/namespaces/default/pods"
+BULK_PATH = "/bulk"
+API_TOKEN = "bench-token-not-checked-by-nginx"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# command -> Debian package that provides it
+TOOLS = [
+    ("nginx", "nginx"),
+    ("sshd", "openssh-server"),
+    ("ssh", "openssh-client"),
+    ("ssh-keygen", "openssh-client"),
+    ("wrk", "wrk"),
+    ("curl", "curl"),
+]
+
+TARGET_TITLES = {
+    "direct": "direct",
+    "ssh": "ssh -R",
+    "arc": "arc",
+    "arc-ws": "arc-ws",
+}
+
+
+class BenchError(Exception):
+    pass
+
+
+class Stop(BaseException):
+    """Raised from the SIGTERM/SIGHUP handler so that clean-up runs."""
+
+
+def log(msg):
+    print("[bench] " + msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- tools
+
+def find_tool(name):
+    path = shutil.which(name)
+    if path:
+        return path
+    for d in ("/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin"):
+        candidate = os.path.join(d, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def ensure_tools(allow_install):
+    missing = sorted({pkg for name, pkg in TOOLS if find_tool(name) is None})
+    if missing:
+        if not allow_install:
+            raise BenchError("missing packages: %s (run without --no-install, or install them)"
+                             % " ".join(missing))
+        if os.geteuid() != 0:
+            raise BenchError("missing packages: %s; install them as root "
+                             "(apt-get install -y %s)" % (" ".join(missing), " ".join(missing)))
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        cmd = ["apt-get", "install", "-y", "--no-install-recommends"] + missing
+        print("installing: %s  (%s)" % (" ".join(missing), " ".join(cmd)), flush=True)
+        r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, timeout=900)
+        if r.returncode != 0:
+            log("apt-get install failed; running apt-get update and trying again")
+            subprocess.run(["apt-get", "update"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=600)
+            r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, timeout=900)
+        if r.returncode != 0:
+            raise BenchError("apt-get install failed:\n" + r.stdout[-3000:])
+        print("installed: %s" % " ".join(missing), flush=True)
+    tools = {}
+    for name, pkg in TOOLS:
+        path = find_tool(name)
+        if path is None:
+            raise BenchError("%s not found after installing %s" % (name, pkg))
+        tools[name] = path
+    return tools
+
+
+def tool_versions(tools):
+    def first_line(cmd):
+        try:
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               timeout=10)
+            return (r.stdout.strip().splitlines() or [""])[0]
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+    return {
+        "nginx": first_line([tools["nginx"], "-v"]),
+        "ssh": first_line([tools["ssh"], "-V"]),
+        "wrk": first_line([tools["wrk"], "-v"]),
+        "curl": first_line([tools["curl"], "--version"]),
+        "arc": getattr(arc, "__version__", "?"),
+    }
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def machine_info():
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "loadavg": loadavg(),
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+# --------------------------------------------------------------------------- processes
+
+def free_ports(n):
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def read_stat(pid):
+    """(ppid, utime+stime+cutime+cstime in ticks) of pid, or None if gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rindex(")") + 2:].split()
+    # rest[0] is field 3 (state): ppid=4, utime=14, stime=15, cutime=16, cstime=17
+    ppid = int(rest[1])
+    ticks = int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
+    return ppid, ticks
+
+
+def all_parents():
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = read_stat(int(entry))
+            if st is not None:
+                parents[int(entry)] = st[0]
+    return parents
+
+
+def tree(roots):
+    """roots and all their live descendants."""
+    parents = all_parents()
+    children = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    seen, todo = [], [r for r in roots if r in parents]
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        todo.extend(children.get(pid, ()))
+    return seen
+
+
+def cpu_seconds(roots):
+    """CPU seconds (user+system, including reaped children) of roots' process trees."""
+    total = 0
+    for pid in tree(roots):
+        st = read_stat(pid)
+        if st is not None:
+            total += st[1]
+    return total / CLK_TCK
+
+
+def peak_rss_mib(roots):
+    total = 0
+    for pid in tree(roots):
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024.0
+
+
+def proc_name(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+class Processes:
+    """Every process the benchmark starts, so that all of them are stopped."""
+
+    def __init__(self, logdir):
+        self.logdir = logdir
+        self.started = []   # (name, Popen, logpath)
+        self.extra = []     # (name, pid): processes not started by us directly (sshd children)
+
+    def start(self, name, argv, cwd=None, env=None):
+        path = os.path.join(self.logdir, name + ".log")
+        out = open(path, "ab")
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                 start_new_session=True)
+        finally:
+            out.close()
+        self.started.append((name, p, path))
+        return p
+
+    def check(self, names):
+        for name, p, path in self.started:
+            if name in names and p.poll() is not None:
+                raise BenchError("%s exited with status %s; last lines of %s:\n%s"
+                                 % (name, p.returncode, path, tail(path)))
+
+    def stop_all(self):
+        # Newest first: clients before servers, so connections close cleanly.
+        for name, p, _ in reversed(self.started):
+            if p.poll() is None:
+                descendants = [pid for pid in tree([p.pid]) if pid != p.pid]
+                self._signal(p.pid, signal.SIGTERM, group=True)
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._signal(p.pid, signal.SIGKILL, group=True)
+                    p.wait(timeout=5)
+                for pid in descendants:
+                    self.extra.append((name + " child", pid))
+        deadline = time.monotonic() + 5
+        for name, pid in self.extra:
+            while read_stat(pid) is not None and time.monotonic() < deadline:
+                self._signal(pid, signal.SIGTERM)
+                time.sleep(0.1)
+            if read_stat(pid) is not None:
+                self._signal(pid, signal.SIGKILL)
+        self.started = []
+        self.extra = []
+
+    @staticmethod
+    def _signal(pid, sig, group=False):
+        try:
+            if group:
+                os.killpg(pid, sig)  # each process was started in its own session
+            else:
+                os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def tail(path, n=25):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_port(port, timeout, what, procs=None, names=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if procs is not None:
+            procs.check(names)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise BenchError("%s did not listen on 127.0.0.1:%d within %d s" % (what, port, timeout))
+
+
+def curl_status(tools, url, extra=(), timeout=5):
+    cmd = [tools["curl"], "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}",
+           "--max-time", str(timeout)] + list(extra) + [url]
+    try:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           timeout=timeout + 5)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return r.stdout.strip() or r.stderr.strip()
+
+
+def wait_http(tools, url, timeout, what, extra=(), procs=None, names=()):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if procs is not None:
+            procs.check(names)
+        last = curl_status(tools, url, extra, timeout=3)
+        if last == "200":
+            return
+        time.sleep(0.3)
+    raise BenchError("%s did not answer 200 on %s within %d s (last: %s)"
+                     % (what, url, timeout, last))
+
+
+# --------------------------------------------------------------------------- backend
+
+def pods_json():
+    items = []
+    for i in range(3):
+        items.append({
+            "metadata": {"name": "web-%d" % i, "namespace": "default",
+                         "uid": "00000000-0000-4000-8000-00000000000%d" % i,
+                         "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "web", "image": "nginx:1.25"}],
+                     "nodeName": "node-1"},
+            "status": {"phase": "Running", "podIP": "10.0.0.%d" % (10 + i)},
+        })
+    doc = {"kind": "PodList", "apiVersion": "v1",
+           "metadata": {"resourceVersion": "12345"}, "items": items}
+    body = json.dumps(doc, indent=1)
+    # pad to about 1 KiB with a harmless annotation on the last pod
+    missing = 1024 - len(body) - len(', "annotations": {"pad": ""}')
+    if missing > 0:
+        items[-1]["metadata"]["annotations"] = {"pad": "x" * missing}
+        body = json.dumps(doc, indent=1)
+    return body.encode() + b"\n"
+
+
+NGINX_CONF = """\
+{user}worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    sendfile on;
+    tcp_nodelay on;
+    keepalive_timeout 120s;
+    keepalive_requests 1000000;
+    default_type application/json;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {prefix}/server.crt;
+        ssl_certificate_key {prefix}/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        root {prefix}/www;
+        location = {pods} {{ default_type application/json; }}
+        location = {bulk} {{ default_type application/octet-stream; }}
+        location / {{ return 404; }}
+    }}
+}}
+"""
+
+
+def start_nginx(tools, procs, base, port, ca, ca_key, bulk_bytes):
+    prefix = os.path.join(base, "nginx")
+    for d in ("tmp", "www" + os.path.dirname(PODS_PATH)):
+        os.makedirs(os.path.join(prefix, d), exist_ok=True)
+    cert, key = pki.issue(ca, ca_key, "bench-nginx", dns_names=["localhost"], ips=["127.0.0.1"])
+    pki.write_private(os.path.join(prefix, "server.crt"), cert, 0o644)
+    pki.write_private(os.path.join(prefix, "server.key"), key)
+    with open(os.path.join(prefix, "www" + PODS_PATH), "wb") as f:
+        f.write(pods_json())
+    bulk = os.path.join(prefix, "www" + BULK_PATH)
+    with open(bulk, "wb") as f:
+        f.truncate(bulk_bytes)  # sparse: zeros from the page cache
+    with open(bulk, "rb") as f:  # read it once so that no target pays for filling the cache
+        while f.read(1 << 20):
+            pass
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(user="user root;\n" if os.geteuid() == 0 else "",
+                                  prefix=prefix, port=port, pods=PODS_PATH, bulk=BULK_PATH))
+    r = subprocess.run([tools["nginx"], "-t", "-p", prefix, "-c", conf, "-e",
+                        os.path.join(prefix, "error.log")],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30)
+    if r.returncode != 0:
+        raise BenchError("nginx -t failed:\n" + r.stdout)
+    p = procs.start("nginx", [tools["nginx"], "-p", prefix, "-c", conf,
+                              "-e", os.path.join(prefix, "error.log")])
+    url = "https://127.0.0.1:%d" % port
+    wait_http(tools, url + PODS_PATH, 15, "nginx", procs=procs, names=("nginx",))
+    return p, url
+
+
+# --------------------------------------------------------------------------- ssh -R
+
+SSHD_CONF = """\
+ListenAddress 127.0.0.1:{port}
+HostKey {dir}/ssh_host_ed25519_key
+PidFile {dir}/sshd.pid
+AuthorizedKeysFile {dir}/authorized_keys
+AllowUsers {user}
+StrictModes no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+GatewayPorts no
+X11Forwarding no
+PrintMotd no
+UseDNS no
+LogLevel INFO
+"""
+
+
+def ssh_client_args(tools, d, sshd_port, user):
+    return [tools["ssh"], "-F", "/dev/null", "-i", os.path.join(d, "id_ed25519"),
+            "-p", str(sshd_port),
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes",
+            "-o", "ConnectTimeout=10"], "%s@127.0.0.1" % user
+
+
+def start_ssh(tools, procs, base, nginx_port, sshd_port, fwd_port):
+    d = os.path.join(base, "ssh")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    for name in ("ssh_host_ed25519_key", "id_ed25519"):
+        subprocess.run([tools["ssh-keygen"], "-q", "-t", "ed25519", "-N", "", "-C", "arc-bench",
+                        "-f", os.path.join(d, name)], check=True, timeout=30,
+                       stdout=subprocess.DEVNULL)
+    shutil.copyfile(os.path.join(d, "id_ed25519.pub"), os.path.join(d, "authorized_keys"))
+    conf = os.path.join(d, "sshd_config")
+    with open(conf, "w") as f:
+        f.write(SSHD_CONF.format(port=sshd_port, dir=d, user=user))
+    notes = []
+    if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
+        # sshd refuses to start without its privilege separation directory
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        notes.append("created /run/sshd (sshd's privilege separation directory)")
+    sshd_bin = os.path.realpath(tools["sshd"])  # sshd re-execs itself: absolute path
+    r = subprocess.run([sshd_bin, "-t", "-f", conf], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=30)
+    if r.returncode != 0:
+        raise BenchError("sshd -t failed:\n" + r.stdout)
+    sshd = procs.start("sshd", [sshd_bin, "-D", "-f", conf, "-E", os.path.join(d, "sshd.log")])
+    wait_port(sshd_port, 15, "sshd", procs, ("sshd",))
+
+    args, dest = ssh_client_args(tools, d, sshd_port, user)
+    # One short probe connection to learn the negotiated cipher (the tunnel itself runs quietly).
+    cipher = "?"
+    try:
+        r = subprocess.run(args + ["-v", dest, "true"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=20)
+        m = re.search(r"kex: server->client cipher: (\S+) MAC: (\S+)", r.stderr)
+        if m:
+            cipher = m.group(1) + ("" if m.group(2) == "<implicit>" else " / " + m.group(2))
+        elif r.returncode != 0:
+            raise BenchError("ssh probe failed (%s):\n%s" % (r.returncode, r.stderr[-2000:]))
+    except subprocess.TimeoutExpired:
+        raise BenchError("ssh probe connection timed out") from None
+    client = procs.start("ssh", args + [
+        "-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=30",
+        "-o", "LogLevel=ERROR",
+        "-R", "127.0.0.1:%d:127.0.0.1:%d" % (fwd_port, nginx_port), dest])
+    url = "https://127.0.0.1:%d" % fwd_port
+    wait_http(tools, url + PODS_PATH, 20, "ssh -R forward", procs=procs, names=("ssh", "sshd"))
+    return {"sshd": sshd, "ssh": client, "url": url, "cipher": cipher, "notes": notes,
+            "roots": [client.pid, sshd.pid]}
+
+
+# --------------------------------------------------------------------------- arc
+
+def write_nginx_kubeconfig(path, nginx_url, ca_pem, token):
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "bench-nginx", "cluster": {
+            "server": nginx_url,
+            "certificate-authority-data": base64.b64encode(ca_pem).decode("ascii")}}],
+        "users": [{"name": "bench", "user": {"token": token}}],
+        "contexts": [{"name": "bench", "context": {"cluster": "bench-nginx", "user": "bench"}}],
+        "current-context": "bench",
+    }
+    pki.write_private(path, yaml.safe_dump(doc, sort_keys=False).encode())
+
+
+def start_arc(tools, procs, base, name, transport, nginx_url, ca_pem, child_env):
+    state = os.path.join(base, name)
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    upstream = os.path.join(base, "nginx-kubeconfig")
+    if not os.path.exists(upstream):
+        write_nginx_kubeconfig(upstream, nginx_url, ca_pem, API_TOKEN)
+    token_file = os.path.join(base, "api.token")
+    if not os.path.exists(token_file):
+        pki.write_private(token_file, API_TOKEN.encode() + b"\n")
+    relay_port, client_port, dedicated_port = free_ports(3)
+    files = demo.prepare(state, relay_port=relay_port, client_port=client_port,
+                         upstream_kubeconfig=upstream, api_token_file=token_file,
+                         transport=transport)
+    # wrk cannot choose its TLS server name apart from the URL host: give the cluster its
+    # own listener (a port dedicated to one cluster needs no SNI).
+    with open(files.client_config) as f:
+        text = f.read()
+    header = "".join(line for line in text.splitlines(True) if line.startswith("#"))
+    client_cfg = yaml.safe_load(text)
+    client_cfg["clusters"][0]["listen"] = "tcp:%d:interface=127.0.0.1" % dedicated_port
+    with open(files.client_config, "w") as f:
+        f.write(header)
+        yaml.safe_dump(client_cfg, f, sort_keys=False)
+    cluster = client_cfg["clusters"][0]["name"]
+
+    parts = {}
+    for part, cfg in (("relay", files.relay_config), ("agent", files.agent_config),
+                      ("client", files.client_config)):
+        pname = "%s-%s" % (name, part)
+        argv = [sys.executable, "-m", "twisted", "--log-format=text", "arc-" + part,
+                "--config", cfg]
+        parts[part] = procs.start(pname, argv, cwd=state, env=child_env)
+        if part == "relay":
+            wait_port(relay_port, 30, pname, procs, (pname,))
+    names = tuple("%s-%s" % (name, p) for p in parts)
+
+    # The client writes a kubeconfig for kubectl; check what it wrote and use its server name.
+    deadline = time.monotonic() + 30
+    server_name = None
+    while time.monotonic() < deadline:
+        procs.check(names)
+        try:
+            with open(files.kubeconfig) as f:
+                kc = yaml.safe_load(f) or {}
+            for c in kc.get("clusters") or []:
+                if c.get("name") == cluster or cluster in c.get("name", ""):
+                    server_name = c["cluster"].get("tls-server-name")
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            pass
+        if server_name:
+            break
+        time.sleep(0.2)
+    if not server_name:
+        raise BenchError("%s: the client wrote no kubeconfig entry with tls-server-name "
+                         "to %s within 30 s" % (name, files.kubeconfig))
+    sni_args = ["--connect-to", "%s:443:127.0.0.1:%d" % (server_name, client_port)]
+    sni_url = "https://%s" % server_name
+    wait_http(tools, sni_url + PODS_PATH, 30, "%s chain (by SNI %s)" % (name, server_name),
+              extra=sni_args, procs=procs, names=names)
+    url = "https://127.0.0.1:%d" % dedicated_port
+    wait_http(tools, url + PODS_PATH, 15, "%s chain (dedicated port)" % name,
+              procs=procs, names=names)
+    return {"url": url, "sni_url": sni_url, "sni_args": sni_args, "server_name": server_name,
+            "names": names, "roots": [p.pid for p in parts.values()],
+            "logs": [os.path.join(procs.logdir, n + ".log") for n in names],
+            "transport": transport}
+
+
+# --------------------------------------------------------------------------- workloads
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out):
+    res = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    res["rps"] = float(m.group(1)) if m else None
+    m = re.search(r"(\d+) requests in ([\d.]+\w+)", out)
+    res["requests"] = int(m.group(1)) if m else 0
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        m = re.search(r"^\s+%s(?:\.0+)?%%\s+(\S+)" % pct, out, re.M)
+        res[key] = _ms(m.group(1)) if m else None
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    res["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    res["non_2xx"] = int(m.group(1)) if m else 0
+    return res
+
+
+def run_wrk(tools, url, threads, conns, duration, timeout_s):
+    cmd = [tools["wrk"], "-t%d" % threads, "-c%d" % conns, "-d%ds" % duration, "--latency",
+           "--timeout", "%ds" % timeout_s, "-H", "Authorization: Bearer " + API_TOKEN,
+           url + PODS_PATH]
+    try:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=duration + timeout_s + 30)
+    except subprocess.TimeoutExpired:
+        return {"rps": None, "requests": 0, "exit": "timeout",
+                "raw": "wrk did not finish within %d s" % (duration + timeout_s + 30)}
+    res = parse_wrk(r.stdout)
+    res["exit"] = r.returncode
+    if res["rps"] is None:
+        res["raw"] = r.stdout[-2000:]
+    return res
+
+
+def run_curl_bulk(tools, url, extra, expected, max_time):
+    cmd = [tools["curl"], "-sS", "-k", "-o", "/dev/null", "--max-time", str(max_time),
+           "--speed-limit", "1024", "--speed-time", "20",
+           "-H", "Authorization: Bearer " + API_TOKEN,
+           "-w", "%{http_code} %{size_download} %{speed_download} %{time_total}"]
+    cmd += list(extra) + [url + BULK_PATH]
+    try:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           timeout=max_time + 30)
+    except subprocess.TimeoutExpired:
+        return {"exit": "timeout", "error": "curl did not finish within %d s" % (max_time + 30)}
+    parts = r.stdout.split()
+    res = {"exit": r.returncode}
+    if len(parts) == 4:
+        res.update(code=parts[0], bytes=int(float(parts[1])), mbps=float(parts[2]) / 1e6,
+                   seconds=float(parts[3]))
+    if r.returncode != 0 or res.get("bytes") != expected or res.get("code") != "200":
+        res["error"] = (r.stderr.strip() or "unexpected result: " + r.stdout.strip())
+    return res
+
+
+def delayed_acks():
+    """The kernel's count of delayed ACKs sent (all sockets; TcpExt DelayedACKs)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = [line.split() for line in f if line.startswith("TcpExt:")]
+        return int(lines[1][lines[0].index("DelayedACKs")])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def measure(target, fn):
+    """Run fn() and attribute the CPU its path processes used meanwhile."""
+    roots = target["roots"]
+    acks = delayed_acks()
+    before = cpu_seconds(roots) if roots else None
+    backend_before = cpu_seconds([target["nginx_pid"]])
+    t0 = time.monotonic()
+    res = fn()
+    res["wall_s"] = round(time.monotonic() - t0, 3)
+    if roots:
+        res["path_cpu_s"] = round(cpu_seconds(roots) - before, 3)
+    res["backend_cpu_s"] = round(cpu_seconds([target["nginx_pid"]]) - backend_before, 3)
+    after = delayed_acks()
+    if acks is not None and after is not None:
+        res["delayed_acks"] = after - acks
+    return res
+
+
+def workloads(opts):
+    d = opts.duration
+    return [
+        ("small_c1", "small GET, 1 connection (wrk -t1 -c1)",
+         lambda t, tools: run_wrk(tools, t["url"], 1, 1, d, opts.wrk_timeout)),
+        ("small_c64", "small GET, 64 connections (wrk -t2 -c64)",
+         lambda t, tools: run_wrk(tools, t["url"], 2, 64, d, opts.wrk_timeout)),
+        ("bulk", "bulk %d MiB (curl)" % opts.bulk_mib,
+         lambda t, tools: run_curl_bulk(tools, t.get("sni_url", t["url"]), t.get("sni_args", ()),
+                                        opts.bulk_mib << 20, opts.bulk_max_time)),
+    ]
+
+
+def derive(key, res):
+    """Per-sample derived figures: CPU per request / per GB."""
+    cpu = res.get("path_cpu_s")
+    if key.startswith("small"):
+        if cpu is not None and res.get("requests"):
+            res["cpu_us_per_req"] = cpu / res["requests"] * 1e6
+        if res.get("requests"):
+            res["backend_cpu_us_per_req"] = res["backend_cpu_s"] / res["requests"] * 1e6
+    else:
+        if cpu is not None and res.get("bytes"):
+            res["cpu_s_per_gb"] = cpu / (res["bytes"] / 1e9)
+    return res
+
+
+def sample_problem(key, res):
+    if key.startswith("small"):
+        if res.get("rps") is None:
+            return "wrk gave no result (exit %s): %s" % (res.get("exit"), res.get("raw", ""))
+        bad = []
+        if res.get("socket_errors"):
+            bad.append("%d socket errors" % res["socket_errors"])
+        if res.get("non_2xx"):
+            bad.append("%d non-2xx responses" % res["non_2xx"])
+        return ", ".join(bad) or None
+    return res.get("error")
+
+
+# --------------------------------------------------------------------------- report
+
+METRICS = [
+    # (row label, workload, sample field, format, direct has it)
+    ("c=1   requests/s", "small_c1", "rps", "{:.0f}"),
+    ("c=1   p50 latency ms", "small_c1", "p50_ms", "{:.3f}"),
+    ("c=1   p99 latency ms", "small_c1", "p99_ms", "{:.3f}"),
+    ("c=1   added p50 ms (vs direct)", "small_c1", "added_p50_ms", "{:.3f}"),
+    ("c=1   CPU µs/request (path)", "small_c1", "cpu_us_per_req", "{:.0f}"),
+    ("c=1   TCP delayed ACKs (host)", "small_c1", "delayed_acks", "{:.0f}"),
+    ("c=64  requests/s", "small_c64", "rps", "{:.0f}"),
+    ("c=64  p50 latency ms", "small_c64", "p50_ms", "{:.3f}"),
+    ("c=64  p99 latency ms", "small_c64", "p99_ms", "{:.3f}"),
+    ("c=64  added p50 ms (vs direct)", "small_c64", "added_p50_ms", "{:.3f}"),
+    ("c=64  CPU µs/request (path)", "small_c64", "cpu_us_per_req", "{:.0f}"),
+    ("c=64  TCP delayed ACKs (host)", "small_c64", "delayed_acks", "{:.0f}"),
+    ("bulk  MB/s", "bulk", "mbps", "{:.1f}"),
+    ("bulk  CPU s/GB (path)", "bulk", "cpu_s_per_gb", "{:.2f}"),
+]
+
+
+def medians(samples):
+    """{workload: {field: median}} over the samples of one target."""
+    out = {}
+    for key, runs in samples.items():
+        fields = {}
+        for res in runs:
+            for k, v in res.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    fields.setdefault(k, []).append(v)
+        out[key] = {k: statistics.median(v) for k, v in fields.items()}
+    return out
+
+
+def add_latency_deltas(summary):
+    direct = summary.get("direct", {})
+    for name, s in summary.items():
+        for key in ("small_c1", "small_c64"):
+            d = direct.get(key, {}).get("p50_ms")
+            v = s.get(key, {}).get("p50_ms")
+            if d is not None and v is not None:
+                s[key]["added_p50_ms"] = v - d
+
+
+def ratio(a, b):
+    if a is None or b is None or b <= 0 or a < 0:
+        return None
+    return a / b
+
+
+def render_table(summary, names, flagged):
+    ratio_cols = [n for n in names if n.startswith("arc") and "ssh" in names]
+    header = ["metric (median)"] + [TARGET_TITLES.get(n, n) for n in names]
+    header += ["%s/ssh-R" % n for n in ratio_cols]
+    rows = []
+    for label, key, field, fmt in METRICS:
+        row = [label]
+        for n in names:
+            v = summary.get(n, {}).get(key, {}).get(field)
+            if n == "direct" and field.startswith("cpu"):
+                cell = "—"
+            elif v is None:
+                cell = "n/a"
+            else:
+                cell = fmt.format(v)
+            if (n, key) in flagged:
+                cell += " !"
+            row.append(cell)
+        for n in ratio_cols:
+            if field == "delayed_acks":  # a diagnostic count, not a cost: no ratio
+                row.append("")
+                continue
+            r = ratio(summary.get(n, {}).get(key, {}).get(field),
+                      summary.get("ssh", {}).get(key, {}).get(field))
+            row.append("n/a" if r is None else "%.2f×" % r)
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = []
+    fmt_row = lambda r: "  ".join(  # noqa: E731
+        (c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])) for i, c in enumerate(r))
+    lines.append(fmt_row(header))
+    lines.append("  ".join("-" * w for w in widths))
+    for i, r in enumerate(rows):
+        if i and rows[i][0][:5] != rows[i - 1][0][:5]:
+            lines.append("")
+        lines.append(fmt_row(r))
+    return "\n".join(lines)
+
+
+def arc_log_findings(paths):
+    """Warnings, errors and tracebacks in the arc logs."""
+    found = []
+    for path in paths:
+        try:
+            with open(path, errors="replace") as f:
+                for line in f:
+                    if re.search(r"#(warn|error|critical)\]|Traceback|Unhandled", line):
+                        found.append("%s: %s" % (os.path.basename(path), line.rstrip()))
+        except OSError:
+            pass
+    return found
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Compare arc with a direct TLS connection and with ssh -R on loopback.")
+    p.add_argument("--quick", action="store_true",
+                   help="one repetition, 2 s wrk runs (a smoke test, not for quoting)")
+    p.add_argument("--repeat", "-r", type=int, default=None,
+                   help="repetitions of every measurement (default 5, 1 with --quick)")
+    p.add_argument("--duration", "-d", type=int, default=None,
+                   help="seconds per wrk run (default 5, 2 with --quick)")
+    p.add_argument("--bulk-mib", type=int, default=256, help="size of /bulk (default 256)")
+    p.add_argument("--bulk-max-time", type=int, default=300,
+                   help="give up a bulk download after this many seconds (default 300)")
+    p.add_argument("--wrk-timeout", type=int, default=5,
+                   help="wrk's per-request timeout in seconds (default 5)")
+    p.add_argument("--targets", default="direct,ssh,arc,arc-ws",
+                   help="comma-separated subset of direct,ssh,arc,arc-ws")
+    p.add_argument("--out", help="JSON results file (default .bench/results-DATE.json)")
+    p.add_argument("--no-install", action="store_true",
+                   help="never run apt-get; fail if a tool is missing")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory (configs, logs) after the run")
+    opts = p.parse_args(argv)
+    if opts.repeat is None:
+        opts.repeat = 1 if opts.quick else 5
+    if opts.duration is None:
+        opts.duration = 2 if opts.quick else 5
+    opts.targets = [t.strip() for t in opts.targets.split(",") if t.strip()]
+    for t in opts.targets:
+        if t not in TARGET_TITLES:
+            p.error("unknown target %r" % t)
+    if opts.repeat < 1 or opts.duration < 1 or opts.bulk_mib < 1:
+        p.error("--repeat, --duration and --bulk-mib must be positive")
+    return opts
+
+
+def child_environment():
+    """Environment for the arc processes: import the same arc this script imported."""
+    env = dict(os.environ)
+    arc_root = os.path.dirname(os.path.dirname(os.path.abspath(arc.__file__)))
+    paths = [arc_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.pop("KUBECONFIG", None)
+    return env
+
+
+def _on_signal(signum, frame):
+    raise Stop("signal %d" % signum)
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+
+    tools = ensure_tools(not opts.no_install)
+    info = machine_info()
+    versions = tool_versions(tools)
+    base = tempfile.mkdtemp(prefix="arc-bench-")
+    logdir = os.path.join(base, "logs")
+    os.makedirs(logdir)
+    procs = Processes(logdir)
+    failed = True
+    notes = []
+    try:
+        ca, ca_key = pki.new_ca("arc bench backend CA")
+        nginx_port, sshd_port, fwd_port = free_ports(3)
+        log("temporary directory %s" % base)
+        log("starting nginx on 127.0.0.1:%d" % nginx_port)
+        nginx, nginx_url = start_nginx(tools, procs, base, nginx_port, ca, ca_key,
+                                       opts.bulk_mib << 20)
+        targets = {}
+        if "direct" in opts.targets:
+            targets["direct"] = {"url": nginx_url, "roots": [], "names": ("nginx",)}
+        if "ssh" in opts.targets:
+            log("starting sshd on 127.0.0.1:%d and ssh -R 127.0.0.1:%d" % (sshd_port, fwd_port))
+            s = start_ssh(tools, procs, base, nginx_port, sshd_port, fwd_port)
+            notes += s["notes"]
+            targets["ssh"] = {"url": s["url"], "roots": s["roots"], "cipher": s["cipher"],
+                              "names": ("ssh", "sshd", "nginx")}
+        env = child_environment()
+        for name, transport in (("arc", "tunnel"), ("arc-ws", "websocket")):
+            if name in opts.targets:
+                log("starting %s (relay, agent, client; transport %s)" % (name, transport))
+                a = start_arc(tools, procs, base, name, transport, nginx_url, ca, env)
+                a["names"] += ("nginx",)
+                targets[name] = a
+        for t in targets.values():
+            t["nginx_pid"] = nginx.pid
+        names = [n for n in TARGET_TITLES if n in targets]
+
+        if "ssh" in targets:
+            sshd_tree = tree([targets["ssh"]["roots"][1]])
+            log("ssh -R path: ssh pid %d; sshd processes: %s" % (
+                targets["ssh"]["roots"][0],
+                "; ".join("%d %s" % (pid, proc_name(pid)) for pid in sshd_tree)))
+
+        log("warming up every path (1 s of wrk each)")
+        for n in names:
+            run_wrk(tools, targets[n]["url"], 1, 4, 1, opts.wrk_timeout)
+
+        samples = {n: {} for n in names}
+        flagged = set()
+        problems = []
+        dead = {}
+        for key, title, fn in workloads(opts):
+            for rep in range(opts.repeat):
+                order = names[rep % len(names):] + names[:rep % len(names)]
+                for n in order:
+                    t = targets[n]
+                    if n in dead:
+                        continue
+                    try:
+                        procs.check(t["names"])
+                    except BenchError as e:
+                        dead[n] = str(e)
+                        problems.append("%s: stopped measuring: %s" % (n, e))
+                        log("%s: %s" % (n, e))
+                        continue
+                    res = derive(key, measure(t, lambda: fn(t, tools)))
+                    samples[n].setdefault(key, []).append(res)
+                    problem = sample_problem(key, res)
+                    if problem:
+                        flagged.add((n, key))
+                        problems.append("%s / %s / run %d: %s" % (n, key, rep + 1, problem))
+                    log("%-7s %-10s run %d/%d: %s"
+                        % (n, key, rep + 1, opts.repeat, brief(key, res)))
+            for n in names:
+                t = targets[n]
+                if t["roots"]:
+                    t.setdefault("peak_rss_mib", {})[key] = round(peak_rss_mib(t["roots"]), 1)
+
+        summary = {n: medians(samples[n]) for n in names}
+        add_latency_deltas(summary)
+        arc_logs = [p for n in names for p in targets[n].get("logs", ())]
+        findings = arc_log_findings(arc_logs)
+
+        # ---- report
+        print()
+        print("arc benchmark — %s" % info["date"])
+        info["loadavg_end"] = loadavg()
+        print("machine: nproc=%s  cpu=%s  kernel=%s  python=%s  load avg start %s / end %s" % (
+            info["nproc"], info["cpu"], info["kernel"], info["python"], info["loadavg"],
+            info["loadavg_end"]))
+        print("tools:   %s | %s | %s | %s | arc %s" % (
+            versions["nginx"], versions["ssh"], versions["wrk"].split(" [")[0],
+            " ".join(versions["curl"].split()[:2]), versions["arc"]))
+        print("runs:    %d per figure (medians), wrk %d s per run, bulk %d MiB; nginx TLS on "
+              "127.0.0.1, 1 worker, HTTP/1.1 keep-alive" % (opts.repeat, opts.duration,
+                                                           opts.bulk_mib))
+        if "ssh" in targets:
+            print("ssh -R:  default cipher negotiated: %s" % targets["ssh"]["cipher"])
+        print()
+        print(render_table(summary, names, flagged))
+        print()
+        print("CPU (path) = user+system CPU of the processes between the client tool and nginx:")
+        print("  ssh -R: ssh + sshd (with its per-connection children); arc: client + relay + "
+              "agent; direct: none.")
+        print("ratios: arc figure / ssh -R figure (for added p50: arc's added latency / ssh's).")
+        print("TCP delayed ACKs: host-wide count during one run (median); many of them with a "
+              "p99 near 40 ms point to Nagle/delayed-ACK stalls.")
+        if any(t.get("peak_rss_mib") for t in targets.values()):
+            print("peak RSS of the path processes (MiB, after all workloads): " + ", ".join(
+                "%s %.0f" % (TARGET_TITLES[n], max(targets[n]["peak_rss_mib"].values()))
+                for n in names if targets[n].get("peak_rss_mib")))
+        if problems:
+            print()
+            print("PROBLEMS (cells marked !):")
+            for p in problems:
+                print("  " + p)
+        if findings:
+            print()
+            print("arc logs: %d warning/error line(s):" % len(findings))
+            for line in findings[:20]:
+                print("  " + line)
+        for note in notes:
+            print("note: " + note)
+
+        result = {
+            "machine": info, "versions": versions,
+            "options": {"repeat": opts.repeat, "duration_s": opts.duration,
+                        "bulk_mib": opts.bulk_mib, "quick": opts.quick},
+            "targets": {n: {"url": targets[n]["url"],
+                            "cipher": targets[n].get("cipher"),
+                            "transport": targets[n].get("transport"),
+                            "peak_rss_mib": targets[n].get("peak_rss_mib")} for n in names},
+            "medians": summary, "samples": samples, "problems": problems,
+            "arc_log_findings": findings, "notes": notes,
+        }
+        out = opts.out or os.path.join(
+            REPO, ".bench", "results-%s.json" % datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        print()
+        print("results: %s" % out)
+        failed = bool(problems)
+        return 1 if problems else 0
+    except BenchError as e:
+        print("bench failed: %s" % e, file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Stop):
+        print("interrupted; stopping every process started", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        if failed or opts.keep:
+            print("configs and logs kept in %s" % base, file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def brief(key, res):
+    cpu = res.get("path_cpu_s")
+    cpu = "-" if cpu is None else "%.2f s" % cpu
+    if key.startswith("small"):
+        problem = sample_problem(key, res)
+        return "%s req/s, p50 %s ms, p99 %s ms, path CPU %s, delayed ACKs %s%s" % (
+            res.get("rps"), res.get("p50_ms"), res.get("p99_ms"), cpu, res.get("delayed_acks"),
+            "  PROBLEM: " + problem if problem else "")
+    return "%.1f MB/s, path CPU %s%s" % (res.get("mbps") or 0, cpu,
+                                         "  ERROR: " + res["error"] if res.get("error") else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
