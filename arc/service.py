@@ -1,7 +1,9 @@
 """Shared bits of the twistd plugins: options and listening with TLS."""
 
 from twisted.application import internet
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
@@ -46,3 +48,22 @@ def listen_service(reactor, endpoint, factory, tls_options=None, *, file=None, k
     # A port that cannot be bound stops start-up instead of being logged only.
     service._raiseSynchronously = True
     return service
+
+
+def bound_port(service):
+    """Deferred firing with the IListeningPort of a started endpoint service.
+
+    Unlike yielding ``_waitingForPort`` itself, this leaves its result in
+    place for every other caller.
+    """
+    d = defer.Deferred()
+
+    def passed(result):
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+        return result
+
+    service._waitingForPort.addBoth(passed)
+    return d

@@ -83,3 +83,12 @@ def set_nodelay(transport):
                 pass
             return
         transport = getattr(transport, "transport", None)
+
+
+def pending_write_bytes(transport):
+    """Bytes a socket transport (under any TLS layer) still has to write."""
+    while transport is not None and "dataBuffer" not in vars(transport):
+        transport = getattr(transport, "transport", None)
+    if transport is None:
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen

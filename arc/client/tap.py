@@ -11,7 +11,7 @@ from arc.client.localca import ensure_local_ca
 from arc.client.proxy import KubectlFactory
 from arc.kube.kubeconfig import default_kubeconfig_path, merge_context
 from arc.relay.relay import CLIENT_PATH
-from arc.service import ConfigOptions, listen_service, parsed_config
+from arc.service import ConfigOptions, bound_port, listen_service, parsed_config
 from arc.tunnel.dial import TunnelDialer
 from arc.tunnel.session import Session
 
@@ -66,6 +66,7 @@ class ProxyService(MultiService):
         self.dialer.setServiceParent(self)
         self.kubeconfig_path = cfg.kubeconfig or default_kubeconfig_path()
         self.ready = defer.Deferred()
+        self.port = None
 
     def _make_session(self):
         session = Session(dialer=True, clock=self.reactor, limits=self.config.limits,
@@ -90,12 +91,13 @@ class ProxyService(MultiService):
 
     @defer.inlineCallbacks
     def _write_kubeconfig(self):
-        main = yield self.listener._waitingForPort
+        main = yield bound_port(self.listener)
+        self.port = main.getHost().port
         ca_data = base64.b64encode(self.local_ca.ca_cert_pem).decode("ascii")
         for cluster in self.config.clusters:
             port = main
             if cluster.name in self.dedicated:
-                port = yield self.dedicated[cluster.name]._waitingForPort
+                port = yield bound_port(self.dedicated[cluster.name])
             entry = {"server": _server_url(port), "certificate-authority-data": ca_data,
                      "tls-server-name": self.local_ca.server_name(cluster.name)}
             user = {"tokenFile": cluster.token_file} if cluster.token_file else {}

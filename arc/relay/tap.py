@@ -5,7 +5,7 @@ from twisted.logger import Logger
 
 from arc.relay.config import load_relay_config
 from arc.relay.relay import Relay
-from arc.service import ConfigOptions, listen_service, parsed_config
+from arc.service import ConfigOptions, bound_port, listen_service, parsed_config
 from arc.tls import server_options_from_files
 from arc.tunnel.carrier import TunnelServerFactory
 
@@ -39,10 +39,9 @@ class RelayService(MultiService):
         self.relay.stopping()
         return super().stopService()
 
-    @property
-    def port(self):
-        """The bound listening port (after start), e.g. when configured as port 0."""
-        return self.listener._waitingForPort.result.getHost().port
+    def bound(self):
+        """Deferred firing with the bound port number (for port 0 in tests)."""
+        return bound_port(self.listener).addCallback(lambda port: port.getHost().port)
 
 
 def makeService(options, reactor=None):

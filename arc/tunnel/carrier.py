@@ -205,6 +205,7 @@ class TunnelServerProtocol(Protocol):
                                  b"Connection: Upgrade\r\nUpgrade: " + RAW_UPGRADE.encode()
                                  + b"\r\n\r\n")
             session = start_session(self.transport.writeSequence, self.transport.loseConnection)
+            session.transport = self.transport
             self._inner = session
             self._raw = True
             # Hot path: frames go straight to the session from now on.
@@ -248,6 +249,7 @@ class _WSServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self):
         self.session = self.start_session(self._send, self.dropConnection)
+        self.session.transport = self.transport
 
     def _send(self, chunks):
         self.sendMessage(b"".join(chunks), isBinary=True)
@@ -348,6 +350,7 @@ class RawDialerProtocol(Protocol):
             session = self._make_session()
             self.session = session
             session.connected(self.transport.writeSequence, self.transport.loseConnection)
+            session.transport = self.transport
             self.dataReceived = session.dataReceived
             self.upgraded.callback(session)
             if rest:
@@ -411,6 +414,7 @@ class _WSDialerProtocol(WebSocketClientProtocol):
     def onOpen(self):
         self.session = self.factory.make_session()
         self.session.connected(self._send, self.dropConnection)
+        self.session.transport = self.transport
         self.upgraded.callback(self.session)
 
     def _send(self, chunks):

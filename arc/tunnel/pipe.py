@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from arc.tls import set_nodelay
 from arc.tunnel import frames as F
+from arc.tunnel.stream import StreamReset
 
 
 @implementer(IHalfCloseableProtocol)
@@ -77,7 +78,11 @@ class StreamPipe(Protocol):
             self.stream_lost(socket, reason)
 
     def stream_lost(self, socket, reason):
-        socket.loseConnection()
+        if reason.check(StreamReset):
+            # Reset: nobody will read an answer, so don't wait to flush one.
+            socket.abortConnection()
+        else:
+            socket.loseConnection()
 
     # -- socket side ----------------------------------------------------------
 

@@ -54,6 +54,7 @@ class Session:
     """
 
     log = Logger()
+    transport = None  # the carrier's transport, set by the carrier (for measurements)
 
     def __init__(self, *, dialer, clock, limits=Limits(), name="tunnel",
                  on_open=None, on_goaway=None, on_close=None):
