@@ -8,7 +8,6 @@ relay nor the agent buffers more than a few stream windows.
 """
 
 import os
-import ssl as stdlib_ssl
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
