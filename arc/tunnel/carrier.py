@@ -411,6 +411,12 @@ class _WSDialerProtocol(WebSocketClientProtocol):
         super().__init__()
         self.upgraded = defer.Deferred()
 
+    def connectionMade(self):
+        # autobahn's own tcpNoDelay option is not applied to client protocols
+        # built this way; without it Nagle meets delayed ACKs (40 ms stalls).
+        set_nodelay(self.transport)
+        super().connectionMade()
+
     def onOpen(self):
         self.session = self.factory.make_session()
         self.session.connected(self._send, self.dropConnection)
