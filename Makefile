@@ -20,7 +20,7 @@ install: $(BIN)/python
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; from twisted.application.service import IServiceMaker; list(getPlugins(IServiceMaker))"
 
 demo: install
-	cd /tmp && $(abspath $(BIN))/python -m arc.demo --state-dir $(abspath .demo)
+	cd /tmp && exec $(abspath $(BIN))/python -m arc.demo --state-dir $(abspath .demo)
 
 test: install
 	cd $(abspath .) && $(BIN)/python tests/run.py $(TESTS)

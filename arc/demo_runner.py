@@ -75,7 +75,8 @@ def run(args):
                   "user credentials: add a token to its 'demo' user")
         print("Ctrl-C stops every process of the demo.")
         print("export KUBECONFIG=%s" % files.kubeconfig, flush=True)
-        while not stopping:
+        parent = os.getppid()
+        while not stopping and os.getppid() == parent:
             for part in parts:
                 if not part.running():
                     print("%s exited unexpectedly; last log lines:\n%s"

@@ -4,6 +4,7 @@ Waits are polls bounded in time; every process logs to its own file and is
 stopped (SIGTERM, then SIGKILL) by whoever started it.
 """
 
+import ctypes
 import os
 import signal
 import socket
@@ -46,6 +47,15 @@ def twist(plugin, config):
     return [sys.executable, "-m", "twisted", "--log-format=text", plugin, "--config", config]
 
 
+def _die_with_parent():
+    """In the child: get SIGTERM when the process that started us dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Part:
     """One child process, logging to ``log``."""
 
@@ -60,7 +70,8 @@ class Part:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL,
-                                         cwd=os.path.dirname(self.log), env=self.env)
+                                         cwd=os.path.dirname(self.log), env=self.env,
+                                         preexec_fn=_die_with_parent)
         return self
 
     @property
