@@ -105,12 +105,14 @@ class Part:
 def start_apiserver(base, name="api", tokens=(), extra=(), log_dir=None):
     """Start the API server emulator with state in ``base/name``; returns the Part."""
     state = os.path.join(base, name)
+    port_file = os.path.join(state, "port")
+    if os.path.exists(port_file):
+        os.unlink(port_file)  # left by an earlier run: wait for the new one
     argv = [sys.executable, "-m", "arc.testing.apiserver", "--state-dir", state]
     for token in tokens:
         argv += ["--token", token]
     argv += list(extra)
     part = Part(name, argv, os.path.join(log_dir or base, name + ".log")).start()
-    port_file = os.path.join(state, "port")
     wait_for(lambda: os.path.exists(port_file) and open(port_file).read().strip(), 30,
              "the API server emulator to listen", alive=part)
     wait_for(lambda: os.path.exists(os.path.join(state, "kubeconfig")), 10,
