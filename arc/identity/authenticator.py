@@ -1,0 +1,145 @@
+"""The one entry point for "who sent this token?", shared by relay and guard.
+
+Order: static tokens, then the OIDC issuer the token claims to come from
+(its verdict is final: a token claiming to be from a configured issuer but
+failing verification is refused, never passed through), then passthrough
+(the caller forwards the token unchanged for the Kubernetes API server to
+judge) if enabled, else refusal.
+
+Configuration (section ``identity``)::
+
+    identity:
+      static:                      # optional: name -> {token_sha256, groups}
+        ci: {token_sha256: "<hex>", groups: [deployers]}
+      oidc:                        # optional: list of issuers (see arc.identity.settings)
+        - issuer: https://login.example.com/tenant/v2.0
+          client_id: arc
+      passthrough: false           # forward other tokens unchanged
+"""
+
+import re
+
+from twisted.internet.defer import fail, succeed
+
+from arc.identity.jws import looks_like_jwt, unverified_issuer
+from arc.identity.model import AuthError
+from arc.identity.oidc import OIDCIssuer
+from arc.identity.settings import parse_issuer
+from arc.identity.static import parse_static
+
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+class _Passthrough:
+    """The verdict "not ours to judge: forward the token unchanged"."""
+
+    def __repr__(self):
+        return "PASSTHROUGH"
+
+    def __bool__(self):
+        return False
+
+
+#: Returned by :meth:`Authenticator.authenticate` in passthrough mode for a
+#: token that is neither a static token nor from a configured issuer.
+PASSTHROUGH = _Passthrough()
+
+
+def bearer_from_header(value):
+    """The token of an ``Authorization`` header value; raises AuthError.
+
+    ``value`` is a str or bytes, or the list of values of a header sent more
+    than once (refused).  The scheme is case-insensitive; exactly one token
+    must follow it.
+    """
+    if isinstance(value, (list, tuple)):
+        if len(value) > 1:
+            raise AuthError("malformed", "the request has more than one Authorization header; "
+                                         "send exactly one `Authorization: Bearer <token>`")
+        value = value[0] if value else None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if value is None or not value.strip():
+        raise AuthError("missing", "no credentials were sent; send "
+                                   "`Authorization: Bearer <token>` (run `arc login`)")
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise AuthError("malformed", "the Authorization header does not use the Bearer scheme; "
+                                     "send `Authorization: Bearer <token>`")
+    token = rest.strip()
+    if not token:
+        raise AuthError("missing", "the Authorization header holds no token after `Bearer`; "
+                                   "send `Authorization: Bearer <token>`")
+    if not _B64TOKEN.fullmatch(token):
+        raise AuthError("malformed", "the Authorization header holds more than one value or "
+                                     "characters a bearer token cannot contain; send exactly "
+                                     "`Authorization: Bearer <token>`")
+    return token
+
+
+class Authenticator:
+    """Static tokens, OIDC issuers and passthrough, in that order.
+
+    :param static: a :class:`~arc.identity.static.StaticTokens` or None.
+    :param issuers: :class:`~arc.identity.oidc.OIDCIssuer` objects, one per issuer.
+    :param passthrough: forward tokens nobody here can judge (see :data:`PASSTHROUGH`).
+    """
+
+    def __init__(self, static=None, issuers=(), passthrough=False):
+        self.static = static
+        self.issuers = {issuer.issuer: issuer for issuer in issuers}
+        if len(self.issuers) != len(list(issuers)):
+            raise ValueError("two OIDC issuers share an issuer URL")
+        self.passthrough = passthrough
+
+    def authenticate(self, token):
+        """Deferred firing with a Principal or :data:`PASSTHROUGH`; fails with AuthError."""
+        if not token:
+            return fail(AuthError("missing", "no token was sent; send "
+                                             "`Authorization: Bearer <token>` (run `arc login`)"))
+        if self.static is not None:
+            principal = self.static.authenticate(token)
+            if principal is not None:
+                return succeed(principal)
+        if self.issuers and looks_like_jwt(token):
+            issuer = self.issuers.get(unverified_issuer(token))
+            if issuer is not None:
+                return issuer.authenticate(token)
+        if self.passthrough:
+            return succeed(PASSTHROUGH)
+        return fail(AuthError("unknown_token", "the token is not one this server accepts (no "
+                                               "static token matches%s); get a token with "
+                                               "`arc login`" % (self._issuers_text(),)))
+
+    def _issuers_text(self):
+        if not self.issuers:
+            return ""
+        return " and it is not an ID token from %s" % (", ".join(sorted(self.issuers)),)
+
+    def services(self):
+        """Services keeping the issuers' keys fresh: add them to a MultiService."""
+        return [issuer.service() for issuer in self.issuers.values()]
+
+
+def parse_identity(node, *, reactor=None, clock=None):
+    """An :class:`Authenticator` from the ``identity`` section ``node`` (a Node).
+
+    Raises ConfigError when nothing is configured (no static tokens, no
+    issuer, passthrough off) since such a server would refuse everyone.
+    """
+    static = parse_static(node, "static") if node.has("static") else None
+    issuers = []
+    seen = {}
+    for entry in node.list_of_nodes("oidc"):
+        settings = parse_issuer(entry)
+        if settings.issuer in seen:
+            raise entry.error("issuer", "issuer %s is already configured at %s; list each "
+                                        "issuer once" % (settings.issuer, seen[settings.issuer]))
+        seen[settings.issuer] = entry.prefix.rstrip(".")
+        issuers.append(OIDCIssuer(settings, reactor=reactor, clock=clock))
+    passthrough = node.get("passthrough", bool, False)
+    node.finish()
+    if not issuers and not passthrough and (static is None or not len(static)):
+        raise node.error("oidc", "nothing would be accepted: configure OIDC issuers under "
+                                 "oidc:, static tokens under static:, or set passthrough: true")
+    return Authenticator(static, issuers, passthrough)
