@@ -24,6 +24,8 @@ from arc.relay.registry import token_digest
 CLUSTER = "demo"
 USER = "demo-user"
 API_TOKEN = "demo-admin-token"
+GUARD_TOKEN = "demo-guard-token"
+GUARD_USER = "arc-guard"
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,14 @@ def _token_file(path):
 
 def prepare(state_dir, *, relay_port=18443, client_port=47011, upstream_kubeconfig=None,
             upstream_context=None, api_token_file=None, transport="tunnel",
-            cluster=CLUSTER, extra_clusters=(), tunnel=None):
+            cluster=CLUSTER, extra_clusters=(), tunnel=None, guard=None, audit=None):
     """Write every file the demo chain needs into ``state_dir``.
 
     ``upstream_kubeconfig`` None means the agent finds its API server the
     usual way ($KUBECONFIG, ~/.kube/config, in-cluster).  ``api_token_file``
     is the bearer token kubectl presents to the API server (passed through).
+    ``guard`` is the agent's ``guard:`` section; when it holds an identity
+    (impersonation mode) kubectl presents the demo user's token instead.
     """
     state_dir = os.path.abspath(state_dir)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -101,6 +105,18 @@ def prepare(state_dir, *, relay_port=18443, client_port=47011, upstream_kubeconf
             agent["upstream"]["context"] = upstream_context
     if tunnel:
         agent["tunnel"] = tunnel
+    if guard == "static":
+        # Impersonation mode: the guard accepts the demo user's token itself
+        # and the kubeconfig presents that token; the API server sees the
+        # guard impersonating demo-user.
+        guard = {"identity": {"static": {USER: {
+            "token_sha256": token_digest(_token_file(user_token)),
+            "groups": ["demo-team"]}}}}
+        api_token_file = user_token
+    if guard is not None:
+        guard = dict(guard)
+        guard.setdefault("audit", {"destination": audit or os.path.join(state_dir, "audit.jsonl")})
+        agent["guard"] = guard
     kubeconfig = os.path.join(state_dir, "kubeconfig")
     entries = []
     for name in clusters:
@@ -144,6 +160,9 @@ def main(argv=None):
                         help="embedded: run the API server emulator; kubeconfig: use the "
                              "current context of $KUBECONFIG or ~/.kube/config")
     parser.add_argument("--transport", choices=["tunnel", "websocket"], default="tunnel")
+    parser.add_argument("--guard", choices=["impersonate", "passthrough"], default="impersonate",
+                        help="impersonate: the guard authenticates the demo user and impersonates "
+                             "it; passthrough: the API server's own token passes through")
     parser.add_argument("--relay-port", type=int, default=18443)
     parser.add_argument("--client-port", type=int, default=47011)
     args = parser.parse_args(argv)

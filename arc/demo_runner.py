@@ -49,14 +49,20 @@ def run(args):
         if args.upstream == "embedded":
             with open(token_file, "w") as f:
                 f.write(demo.API_TOKEN + "\n")
-            api = start_apiserver(state_dir, tokens=["%s=admin:system:masters" % demo.API_TOKEN])
+            # The guard's own identity comes first: it is the emulator kubeconfig's user.
+            # Only that identity may impersonate.
+            api = start_apiserver(state_dir, tokens=[
+                "%s=%s" % (demo.GUARD_TOKEN, demo.GUARD_USER),
+                "%s=admin:system:masters" % demo.API_TOKEN],
+                extra=["--impersonator", demo.GUARD_USER])
             parts.append(api)
             upstream = api.kubeconfig
             print("API server emulator: %s (log %s)" % (upstream, api.log))
         files = demo.prepare(state_dir, relay_port=args.relay_port, client_port=args.client_port,
                              upstream_kubeconfig=upstream,
                              api_token_file=token_file if upstream else None,
-                             transport=args.transport)
+                             transport=args.transport,
+                             guard="static" if args.guard == "impersonate" else None)
         for name, plugin, config in (("relay", "arc-relay", files.relay_config),
                                      ("agent", "arc-agent", files.agent_config),
                                      ("client", "arc-client", files.client_config)):
@@ -64,7 +70,11 @@ def run(args):
             parts.append(part.start())
             print("%-6s pid %d, config %s, log %s" % (name, part.pid, config, part.log))
         if upstream:
-            wait_for(lambda: _probe(files, demo.API_TOKEN), 60,
+            probe_token = demo.API_TOKEN
+            if args.guard == "impersonate":
+                with open(files.user_token_file) as f:
+                    probe_token = f.read().strip()
+            wait_for(lambda: _probe(files, probe_token), 60,
                      "a request to pass through client, relay and agent",
                      alive=parts[-1])
             print("the chain answers: kubectl get pods, exec ticker -- echo hi, logs -f ticker")

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IPushProducer
 
 from arc import pki
 from arc.agent.agent import Agent
-from arc.agent.upstream import Upstream
+from arc.guard.upstream import APIServer
 from arc.client.config import ClientConfig, ClusterEntry
 from arc.client.tap import ProxyService
 from arc.kube.kubeconfig import Upstream as Target
@@ -115,7 +115,7 @@ class FlowControlTests(unittest.TestCase):
         # Agent.
         target = Target(server="https://127.0.0.1:%d" % backend.getHost().port,
                         host="127.0.0.1", port=backend.getHost().port, ca_pem=ca)
-        self.agent = Agent(reactor, "demo", Upstream(reactor, target), Limits())
+        self.agent = Agent(reactor, "demo", APIServer(reactor, target), Limits())
         dialer = TunnelDialer(reactor, relay_url=relay_url, path=AGENT_PATH,
                               credential=lambda: "agent-token",
                               make_session=self.agent.make_session,

@@ -5,6 +5,7 @@ import json
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from arc.guard.upstream import PASSTHROUGH
 from arc.tunnel import frames as F
 from arc.tunnel.pipe import SocketSide, StreamPipe
 from arc.tunnel.session import Session
@@ -14,10 +15,11 @@ from arc.tunnel.stream import Stream
 class Agent:
     log = Logger()
 
-    def __init__(self, reactor, cluster, upstream, limits):
+    def __init__(self, reactor, cluster, upstream, limits, guard=None):
         self.reactor = reactor
         self.cluster = cluster
         self.upstream = upstream
+        self.guard = guard
         self.limits = limits
         self.sessions = set()
         self.streams_total = 0
@@ -43,10 +45,14 @@ class Agent:
             meta = {}
         stream = Stream(session, metadata)
         stream.accept(sid)
+        self.streams_total += 1
+        if self.guard is not None:
+            # The guard reads and writes the stream directly: no loopback hop.
+            stream.attach(self.guard.protocol(peer="relay user %s" % (meta.get("user"),)))
+            return stream
         pipe = StreamPipe()
         stream.attach(pipe)
-        self.streams_total += 1
-        d = self.upstream.connect(Factory.forProtocol(lambda: SocketSide(pipe)))
+        d = self.upstream.connect(PASSTHROUGH, Factory.forProtocol(lambda: SocketSide(pipe)))
 
         def failed(failure):
             self.log.warn("cannot reach API server {server} for user {user}: {error}",

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from arc import config
+from arc.guard.guard import GuardConfig, parse_guard
 from arc.tunnel.session import Limits
 from arc.tunnel.settings import RelayLink, parse_limits, parse_relay_link
 
@@ -17,6 +18,7 @@ class AgentConfig:
     context: Optional[str]
     limits: Limits
     connect_timeout: float
+    guard: GuardConfig
 
 
 def load_agent_config(path):
@@ -31,6 +33,7 @@ def load_agent_config(path):
         context=upstream.get("context", str, None),
         limits=parse_limits(node),
         connect_timeout=upstream.positive("connect_timeout", float, 10.0),
+        guard=parse_guard(node),
     )
     upstream.finish()
     node.finish()

@@ -4,7 +4,8 @@ from twisted.application.service import MultiService
 
 from arc.agent.agent import Agent
 from arc.agent.config import load_agent_config
-from arc.agent.upstream import Upstream
+from arc.guard.guard import Guard
+from arc.guard.upstream import APIServer
 from arc.errors import ConfigError
 from arc.kube.kubeconfig import load_upstream
 from arc.relay.relay import AGENT_PATH
@@ -26,6 +27,11 @@ class Options(ConfigOptions):
             if e.file is None:
                 raise ConfigError(e.reason, file=cfg.file, key="upstream") from None
             raise
+        if cfg.guard.enabled and cfg.guard.impersonates and not (
+                target.token or target.token_file or target.client_cert_pem):
+            raise ConfigError("the guard impersonates callers, so it needs credentials of its "
+                              "own: the upstream (%s) has no token, token file or client "
+                              "certificate" % (target.source,), file=cfg.file, key="guard.identity")
         return cfg, target
 
 
@@ -33,8 +39,13 @@ class AgentService(MultiService):
     def __init__(self, cfg, target, reactor):
         super().__init__()
         self.config = cfg
-        self.agent = Agent(reactor, cfg.cluster,
-                           Upstream(reactor, target, cfg.connect_timeout), cfg.limits)
+        upstream = APIServer(reactor, target, cfg.connect_timeout)
+        guard = None
+        if cfg.guard.enabled:
+            guard = Guard(cfg.guard, cfg.cluster, upstream)
+            for service in guard.services():
+                service.setServiceParent(self)
+        self.agent = Agent(reactor, cfg.cluster, upstream, cfg.limits, guard)
         self.dialer = TunnelDialer(
             reactor, relay_url=cfg.relay.url, path=AGENT_PATH,
             credential=cfg.relay.credential, make_session=self.agent.make_session,

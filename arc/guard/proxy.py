@@ -1,0 +1,491 @@
+"""The guard: a streaming HTTP/1.1 reverse proxy that authenticates every request.
+
+One :class:`GuardProtocol` serves one downstream connection — a tunnel
+stream in the agent, or a TLS socket when the guard runs alone — and keeps
+at most one upstream connection to kube-apiserver for it (keep-alive).
+
+For each request: read the head (bounded), clean the identity headers
+(:mod:`arc.guard.headers`), authenticate the bearer token, then forward the
+head with impersonation headers and the guard's own credentials (or, in
+passthrough mode, the caller's token and no credential of the guard's).
+Bodies stream both ways as bytes with backpressure; only their end is
+tracked (:mod:`arc.guard.http1`).  An upgrade (exec, attach, port-forward,
+WebSocket or SPDY) is authenticated like any request; once the API server
+answers ``101`` the connection is spliced as raw bytes.  Every request
+leaves one audit record.
+"""
+
+import time
+import uuid
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from arc import status as kstatus
+from arc.guard import http1
+from arc.guard.audit import AuditRecord
+from arc.guard.headers import clean, impersonation_headers
+from arc.guard.http1 import HTTPError
+from arc.guard.requestinfo import request_info
+from arc.identity.authenticator import PASSTHROUGH
+from arc.identity.model import AuthError
+from arc.tls import set_nodelay
+
+HEAD, AUTH, BODY, WAIT, SPLICED, CLOSED = range(6)
+PASSTHROUGH_MODE = "passthrough"
+GUARD_MODE = "guard"
+
+
+class _PauseGate:
+    """Pauses a transport while any reason holds; the reasons are independent."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.reasons = set()
+
+    def pause(self, reason):
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons.add(reason)
+
+    def resume(self, reason):
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons:
+                self.transport.resumeProducing()
+
+    # IPushProducer, for the upstream transport: "my buffer is full".
+    def pauseProducing(self):
+        self.pause("upstream-full")
+
+    def resumeProducing(self):
+        self.resume("upstream-full")
+
+    def stopProducing(self):
+        pass
+
+
+class _UpstreamSide(Protocol):
+    def __init__(self, guard):
+        self.guard = guard
+
+    def connectionMade(self):
+        set_nodelay(self.transport)
+        self.guard.upstream_connected(self)
+
+    def dataReceived(self, data):
+        self.guard.upstream_data(data)
+
+    def connectionLost(self, reason):
+        self.guard.upstream_lost(self, reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class GuardProtocol(Protocol):
+    log = Logger()
+
+    def __init__(self, guard, peer=""):
+        self.guard = guard
+        self.peer = peer
+        self.state = HEAD
+        self._in = bytearray()
+        self._gate = None
+        self._up = None            # _UpstreamSide, once connected
+        self._up_mode = None
+        self._up_pending = None    # bytes for an upstream being connected
+        self._req_body = None
+        self._req_method = None
+        self._req_close = False
+        self._resp_state = None    # None: no request outstanding; HEAD; BODY
+        self._resp_buf = bytearray()
+        self._resp_body = None
+        self._resp_started = False
+        self._resp_close = False
+        self._record = None
+        self._audit_id = None
+        self._started = 0.0
+
+    # -- downstream ----------------------------------------------------------
+
+    def connectionMade(self):
+        set_nodelay(self.transport)
+        self._gate = _PauseGate(self.transport)
+
+    def dataReceived(self, data):
+        if self.state == SPLICED:
+            self._count_in(len(data))
+            self._up.transport.write(data)
+            return
+        if self.state == CLOSED:
+            return
+        self._in += data
+        self._advance()
+
+    def readConnectionLost(self):
+        """The client half-closed: answer what it asked, then close."""
+        self._req_close = True
+        if self.state == SPLICED:
+            if self._up is not None:
+                self._up.transport.loseWriteConnection()
+        elif self.state == HEAD and not self._in and self._resp_state is None:
+            self.state = CLOSED
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        previous, self.state = self.state, CLOSED
+        up, self._up = self._up, None
+        if up is not None:
+            up.transport.abortConnection()
+        if self._record is not None and previous != CLOSED:
+            self._finish_record(status=self._record.status or 499,
+                                reason=self._record.reason or "client went away")
+
+    def _advance(self):
+        while True:
+            if self.state == HEAD:
+                if not self._in:
+                    return
+                try:
+                    end = http1.split_head(self._in)
+                    if end < 0:
+                        return
+                    raw = bytes(self._in[:end])
+                    del self._in[:end]
+                    head = http1.parse_head(raw)
+                    kind, length = http1.request_framing(head)
+                except HTTPError as e:
+                    self._refuse(e.status, e.message)
+                    return
+                self._req_body = http1.BodyTracker(kind, length)
+                self.state = AUTH
+                self._gate.pause("auth")
+                self._begin(head)
+                return
+            if self.state == BODY:
+                if self._in:
+                    try:
+                        end = self._req_body.feed(self._in, 0)
+                    except HTTPError as e:
+                        self._refuse(e.status, e.message)
+                        return
+                    if end:
+                        chunk = bytes(self._in[:end])
+                        del self._in[:end]
+                        self._to_upstream(chunk)
+                        self._count_in(len(chunk))
+                if not self._req_body.done:
+                    return
+                self.state = WAIT
+            if self.state == WAIT:
+                if self._resp_state is not None:
+                    # A pipelined request waits for this response; keep it small.
+                    if len(self._in) > http1.MAX_HEAD:
+                        self._gate.pause("pipelined")
+                    return
+                self.state = HEAD
+                self._gate.resume("pipelined")
+                continue
+            return
+
+    # -- per request -----------------------------------------------------------
+
+    def _begin(self, head):
+        method, target, _ = head.start
+        self._req_method = method
+        self._req_close = "close" in head.tokens("connection")
+        self._started = time.monotonic()
+        self._audit_id = str(uuid.uuid4())
+        record = self._record = AuditRecord()
+        record.audit_id = self._audit_id
+        record.cluster = self.guard.cluster
+        record.peer = self.peer
+        info = request_info(method, target)
+        record.verb = info.verb
+        record.api_group = info.api_group
+        record.resource = info.resource
+        record.namespace = info.namespace
+        record.name = info.name
+        record.subresource = info.subresource
+        try:
+            cleaned = clean(head.headers, self.guard.allow_impersonation)
+        except HTTPError as e:
+            self._refuse(e.status, e.message)
+            return
+        record.upgrade = cleaned.upgrade
+        if cleaned.bearer is None:
+            self._refuse(401, "no bearer token in the request: the kubeconfig user for this "
+                              "cluster needs a token (arc token / tokenFile)")
+            return
+        d = self.guard.authenticator.authenticate(cleaned.bearer)
+        d.addCallbacks(self._authenticated, self._auth_failed,
+                       callbackArgs=(head, cleaned))
+        d.addErrback(self._internal_error)
+
+    def _auth_failed(self, failure):
+        if self.state == CLOSED:
+            return
+        if failure.check(AuthError):
+            self._record.method = ""
+            self._refuse(401, "guard of cluster %r refused the token: %s"
+                         % (self.guard.cluster, failure.value.reason),
+                         reason="authentication: " + failure.value.code)
+            return
+        return failure
+
+    def _internal_error(self, failure):
+        self.log.failure("guard request handling failed", failure)
+        if self.state != CLOSED:
+            self._refuse(500, "internal error in the guard of cluster %r" % (self.guard.cluster,))
+
+    def _authenticated(self, principal, head, cleaned):
+        if self.state == CLOSED:
+            return
+        record = self._record
+        headers = cleaned.headers
+        if principal is PASSTHROUGH:
+            mode = PASSTHROUGH_MODE
+            record.method = "passthrough"
+            headers.append(["Authorization", "Bearer " + cleaned.bearer])
+            headers.extend([name, value] for name, value in cleaned.impersonation)
+        else:
+            if cleaned.impersonation:
+                self._refuse(403, "impersonation by %r is not allowed through the guard "
+                             "(only passthrough tokens may carry Impersonate-* headers)"
+                             % (principal.username,), reason="client impersonation")
+                return
+            mode = GUARD_MODE
+            record.method = principal.method
+            record.issuer = principal.issuer
+            record.subject = principal.subject
+            record.user = principal.username
+            record.groups = list(principal.groups)
+            record.impersonated_user = principal.username
+            record.impersonated_groups = list(principal.groups)
+            headers.extend(impersonation_headers(principal.username, principal.groups,
+                                                 principal.extra))
+            headers.extend(self.guard.upstream.credential_headers())
+        headers.append(["Audit-ID", self._audit_id])
+        record.decision = "allow"
+        head.headers = headers
+        self._resp_state = HEAD
+        self._resp_started = False
+        self._send_head(mode, head.serialize())
+
+    def _send_head(self, mode, raw):
+        self._count_in(len(raw))
+        if self._up is not None and self._up_mode == mode:
+            self._up.transport.write(raw)
+            self._request_flowing()
+            return
+        if self._up is not None:
+            old, self._up = self._up, None
+            self._detach(old)
+            old.transport.loseConnection()
+        self._up_mode = mode
+        self._up_pending = [raw]
+        d = self.guard.upstream.connect(mode, Factory.forProtocol(lambda: _UpstreamSide(self)))
+        d.addErrback(self._upstream_failed)
+
+    def _request_flowing(self):
+        self.state = BODY
+        self._gate.resume("auth")
+        self._advance()
+
+    def _to_upstream(self, data):
+        if self._up is not None:
+            self._up.transport.write(data)
+        elif self._up_pending is not None:
+            self._up_pending.append(data)
+
+    # -- upstream ------------------------------------------------------------
+
+    def upstream_connected(self, side):
+        if self.state == CLOSED:
+            side.transport.abortConnection()
+            return
+        self._up = side
+        pending, self._up_pending = self._up_pending or [], None
+        side.transport.writeSequence(pending)
+        side.transport.registerProducer(self._gate, True)
+        self.transport.registerProducer(side.transport, True)
+        self._request_flowing()
+
+    def _upstream_failed(self, failure):
+        if self.state == CLOSED:
+            return
+        self._up_pending = None
+        self.log.warn("guard cannot reach the API server {server}: {error}",
+                      server=self.guard.upstream.describe(), error=failure.getErrorMessage())
+        self._refuse(502, "guard of cluster %r cannot reach the API server %s: %s"
+                     % (self.guard.cluster, self.guard.upstream.describe(),
+                        failure.getErrorMessage()), reason="upstream unreachable")
+
+    def upstream_data(self, data):
+        if self.state == SPLICED:
+            self._count_out(len(data))
+            self.transport.write(data)
+            return
+        if self._resp_state == HEAD:
+            self._resp_buf += data
+            try:
+                end = http1.split_head(self._resp_buf)
+                if end < 0:
+                    return
+                raw = bytes(self._resp_buf[:end])
+                rest = bytes(self._resp_buf[end:])
+                self._resp_buf = bytearray()
+                head = http1.parse_head(raw, request=False)
+            except HTTPError as e:
+                self._upstream_broken("bad answer from the API server: %s" % e.message)
+                return
+            self._response_head(head, raw, rest)
+        elif self._resp_state == BODY:
+            self._response_body(data)
+        elif data:
+            # Bytes with no request outstanding: the API server broke framing.
+            self._upstream_broken("unexpected bytes from the API server")
+
+    def _response_head(self, head, raw, rest):
+        status = int(head.start[1])
+        if head.get("audit-id") is None:
+            raw = raw[:-2] + b"Audit-ID: " + self._audit_id.encode() + b"\r\n\r\n"
+        self._resp_started = True
+        self._count_out(len(raw))
+        self.transport.write(raw)
+        if status == 101:
+            self._record.status = 101
+            self.state = SPLICED
+            self._resp_state = None
+            leftover, self._in = bytes(self._in), bytearray()
+            self._gate.resume("pipelined")
+            if leftover:
+                self._count_in(len(leftover))
+                self._up.transport.write(leftover)
+            if rest:
+                self._count_out(len(rest))
+                self.transport.write(rest)
+            return
+        if 100 <= status < 200:
+            self._resp_state = HEAD
+            if rest:
+                self.upstream_data(rest)
+            return
+        self._record.status = status
+        kind, length = http1.response_framing(head, self._req_method)
+        self._resp_body = http1.BodyTracker(kind, length)
+        self._resp_close = "close" in head.tokens("connection")
+        self._resp_state = BODY
+        if rest or self._resp_body.done:
+            self._response_body(rest)
+
+    def _response_body(self, data):
+        tracker = self._resp_body
+        try:
+            end = tracker.feed(data, 0)
+        except HTTPError as e:
+            self._upstream_broken("bad chunked answer from the API server: %s" % e.message)
+            return
+        if end:
+            self._count_out(end)
+            self.transport.write(data if end == len(data) else data[:end])
+        if tracker.done:
+            self._response_done()
+
+    def _response_done(self):
+        self._resp_state = None
+        self._finish_record(status=self._record.status, reason="")
+        if self._req_close or self._resp_close:
+            self.state = CLOSED
+            self.transport.loseConnection()
+            if self._up is not None:
+                self._up.transport.loseConnection()
+            return
+        if self.state == WAIT:
+            self._advance()
+
+    def _detach(self, side):
+        """Undo the producer registrations made in :meth:`upstream_connected`."""
+        side.transport.unregisterProducer()
+        if self.state != CLOSED:
+            self.transport.unregisterProducer()
+            self._gate.resume("upstream-full")
+
+    def upstream_lost(self, side, reason):
+        if side is not self._up:
+            return
+        self._up = None
+        self._detach(side)
+        if self.state == CLOSED:
+            return
+        if self.state == SPLICED:
+            self._finish_record(status=101, reason="")
+            self.state = CLOSED
+            self.transport.loseConnection()
+            return
+        if self._resp_state == BODY and self._resp_body.kind == http1.UNTIL_CLOSE:
+            self._response_done()
+            self.state = CLOSED
+            self.transport.loseConnection()
+            return
+        if self._resp_state is not None or self.state in (BODY, WAIT):
+            self._upstream_broken("the API server closed the connection mid-request: %s"
+                                  % (reason.getErrorMessage(),))
+
+    def _upstream_broken(self, message):
+        self.log.warn("guard: {message}", message=message)
+        if self._resp_started:
+            self._finish_record(status=self._record.status or 502, reason=message)
+            self.state = CLOSED
+            self.transport.abortConnection()
+        else:
+            self._refuse(502, message, reason=message)
+        if self._up is not None:
+            up, self._up = self._up, None
+            up.transport.abortConnection()
+
+    # -- answers, audit ----------------------------------------------------------
+
+    def _refuse(self, code, message, reason=None):
+        """Answer with a Kubernetes Status and close the connection."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        answer = kstatus.status_response(code, message)
+        self.transport.write(answer)
+        self.transport.loseConnection()
+        if self._up is not None:
+            up, self._up = self._up, None
+            up.transport.abortConnection()
+        if self._record is None:
+            self._record = AuditRecord()
+            self._record.audit_id = str(uuid.uuid4())
+            self._record.cluster = self.guard.cluster
+            self._record.peer = self.peer
+            self._started = time.monotonic()
+        self._record.decision = "deny" if code in (400, 401, 403, 431) else "error"
+        self._finish_record(status=code, reason=reason or message)
+
+    def _finish_record(self, status, reason):
+        record, self._record = self._record, None
+        if record is None:
+            return
+        record.status = status
+        if reason:
+            record.reason = reason
+        if not record.decision:
+            record.decision = "allow"
+        record.duration_ms = round((time.monotonic() - self._started) * 1000, 3)
+        self.guard.audit.emit(record)
+
+    def _count_in(self, n):
+        if self._record is not None:
+            self._record.bytes_in += n
+
+    def _count_out(self, n):
+        if self._record is not None:
+            self._record.bytes_out += n
