@@ -57,7 +57,8 @@ def _token_file(path):
 
 def prepare(state_dir, *, relay_port=18443, client_port=47011, upstream_kubeconfig=None,
             upstream_context=None, api_token_file=None, transport="tunnel",
-            cluster=CLUSTER, extra_clusters=(), tunnel=None, guard=None, audit=None):
+            cluster=CLUSTER, extra_clusters=(), tunnel=None, guard=None, audit=None,
+            relay_identity=None, bindings=None, user_token_file=None):
     """Write every file the demo chain needs into ``state_dir``.
 
     ``upstream_kubeconfig`` None means the agent finds its API server the
@@ -65,6 +66,9 @@ def prepare(state_dir, *, relay_port=18443, client_port=47011, upstream_kubeconf
     is the bearer token kubectl presents to the API server (passed through).
     ``guard`` is the agent's ``guard:`` section; when it holds an identity
     (impersonation mode) kubectl presents the demo user's token instead.
+    ``relay_identity``, ``bindings`` and ``user_token_file`` replace the
+    relay's identity providers, access bindings and the user's token (for
+    the relay tunnel and, in impersonation mode, for kubectl).
     """
     state_dir = os.path.abspath(state_dir)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -79,7 +83,7 @@ def prepare(state_dir, *, relay_port=18443, client_port=47011, upstream_kubeconf
         pki.write_private(relay_cert, cert, 0o644)
         pki.write_private(relay_key, key)
     agent_token = os.path.join(state_dir, "agent.token")
-    user_token = os.path.join(state_dir, "user.token")
+    user_token = user_token_file or os.path.join(state_dir, "user.token")
     clusters = [cluster] + list(extra_clusters)
     registry_clusters = {}
     for name in clusters:
@@ -90,10 +94,14 @@ def prepare(state_dir, *, relay_port=18443, client_port=47011, upstream_kubeconf
         "listen": "tcp:%d:interface=127.0.0.1" % relay_port,
         "tls": {"cert_file": relay_cert, "key_file": relay_key},
         "clusters": registry_clusters,
-        "users": {USER: {"token_sha256": token_digest(_token_file(user_token)),
-                         "groups": ["demo-team"]}},
-        "bindings": [{"cluster": name, "groups": ["demo-team"]} for name in clusters],
+        "users": {} if relay_identity else {
+            USER: {"token_sha256": token_digest(_token_file(user_token)),
+                   "groups": ["demo-team"]}},
+        "bindings": bindings or [{"cluster": name, "groups": ["demo-team"]}
+                                 for name in clusters],
     }
+    if relay_identity:
+        relay["identity"] = relay_identity
     if tunnel:
         relay["tunnel"] = tunnel
     relay_url = "https://localhost:%d" % relay_port
@@ -112,6 +120,8 @@ def prepare(state_dir, *, relay_port=18443, client_port=47011, upstream_kubeconf
         guard = {"identity": {"static": {USER: {
             "token_sha256": token_digest(_token_file(user_token)),
             "groups": ["demo-team"]}}}}
+        api_token_file = user_token
+    elif guard is not None and "identity" in guard and not guard["identity"].get("passthrough"):
         api_token_file = user_token
     if guard is not None:
         guard = dict(guard)

@@ -6,6 +6,7 @@ FILE``), logs to a file in the test's directory, and is stopped by the
 test's cleanup.  Waits are polls bounded in time.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -32,7 +33,8 @@ def kubectl_binary():
 class Chain:
     """The whole chain in ``base`` (a fresh directory)."""
 
-    def __init__(self, base, *, transport="tunnel", extra_clusters=(), tunnel=None):
+    def __init__(self, base, *, transport="tunnel", extra_clusters=(), tunnel=None,
+                 api_tokens=None, api_extra=(), **prepare):
         self.base = base
         self.parts = {}
         self.api_dir = os.path.join(base, "api")
@@ -44,6 +46,9 @@ class Chain:
         self.transport = transport
         self.extra_clusters = extra_clusters
         self.tunnel = tunnel
+        self.api_tokens = api_tokens or ["%s=admin:system:masters" % API_TOKEN]
+        self.api_extra = list(api_extra)
+        self.prepare = prepare
         self.files = None
 
     # -- parts ------------------------------------------------------------------
@@ -54,9 +59,10 @@ class Chain:
         return part.start()
 
     def start_api(self):
+        self.request_log = os.path.join(self.base, "api-requests.jsonl")
         self.parts["api"] = start_apiserver(
-            self.base, tokens=["%s=admin:system:masters" % API_TOKEN],
-            extra=["--request-log", os.path.join(self.base, "api-requests.jsonl")])
+            self.base, tokens=self.api_tokens,
+            extra=["--request-log", self.request_log] + self.api_extra)
 
     def start(self):
         self.start_api()
@@ -64,7 +70,7 @@ class Chain:
             os.path.join(self.base, "arc"), relay_port=free_port(), client_port=free_port(),
             upstream_kubeconfig=os.path.join(self.api_dir, "kubeconfig"),
             api_token_file=self.token_file, transport=self.transport,
-            extra_clusters=self.extra_clusters, tunnel=self.tunnel)
+            extra_clusters=self.extra_clusters, tunnel=self.tunnel, **self.prepare)
         self.start_relay()
         self.start_agent()
         self.start_client()
@@ -82,6 +88,11 @@ class Chain:
     def start_client(self, config=None, name="client"):
         part = self.add(name, twist("arc-client", config or self.files.client_config))
         return part
+
+    def requests(self):
+        """What the API server emulator received, one dict per request."""
+        with open(self.request_log) as f:
+            return [json.loads(line) for line in f if line.strip()]
 
     def wait_ready(self, timeout=30):
         wait_for(lambda: self.kubectl("get", "--raw", "/version", check=False).returncode == 0,

@@ -48,7 +48,7 @@ class ChainMixin:
         if cls.chain is None:
             cls.remaining = len(pyunit.TestLoader().getTestCaseNames(cls))
             cls.base = tempfile.mkdtemp(prefix="arc-it-")
-            chain = Chain(cls.base, transport=cls.transport)
+            chain = cls.make_chain(cls.base)
             atexit.register(chain.stop)
             try:
                 chain.start()
@@ -57,6 +57,10 @@ class ChainMixin:
                 raise
             cls.chain = chain
         self.addCleanup(self._release)
+
+    @classmethod
+    def make_chain(cls, base):
+        return Chain(base, transport=cls.transport)
 
     def _release(self):
         cls = type(self)

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from arc import config
+from arc.identity.authenticator import parse_identity
 from arc.relay.registry import Registry, parse_registry
 from arc.tunnel.session import Limits
 from arc.tunnel.settings import parse_limits
@@ -19,6 +20,7 @@ class RelayConfig:
     limits: Limits
     head_timeout: float
     websocket_require_mask: bool
+    authenticator: object = None
 
 
 def load_relay_config(path):
@@ -38,6 +40,15 @@ def load_relay_config(path):
     if listen.startswith("ssl:"):
         raise node.error("listen", "give a tcp: (or unix:) endpoint; TLS comes from the tls: "
                                    "section so that ALPN is set")
+    authenticator = None
+    if node.has("identity"):
+        section = node.section("identity")
+        if section.get("passthrough", bool, False):
+            raise section.error("passthrough", "the relay cannot pass a token through: it "
+                                               "must know the user to check the bindings")
+        authenticator = parse_identity(section)
+    else:
+        node.section("identity")
     cfg = RelayConfig(
         file=node.file,
         listen=listen,
@@ -47,6 +58,7 @@ def load_relay_config(path):
         limits=parse_limits(node),
         head_timeout=node.positive("head_timeout", float, 10.0),
         websocket_require_mask=node.get("websocket_require_mask", bool, False),
+        authenticator=authenticator,
     )
     node.finish()
     return cfg

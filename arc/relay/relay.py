@@ -12,6 +12,8 @@ import json
 
 from twisted.logger import Logger
 
+from arc.identity.model import AuthError
+from arc.relay.registry import Identity
 from arc.relay.splice import Half, pair
 from arc.tunnel import frames as F
 from arc.tunnel.carrier import HeadError
@@ -31,9 +33,10 @@ def _json(status, obj):
 class Relay:
     log = Logger()
 
-    def __init__(self, clock, registry, limits):
+    def __init__(self, clock, registry, limits, authenticator=None):
         self.clock = clock
         self.registry = registry
+        self.authenticator = authenticator
         self.limits = limits
         self.agents = {}      # cluster -> list of sessions
         self.clients = set()
@@ -85,13 +88,32 @@ class Relay:
         return start
 
     def _accept_client(self, request):
-        identity = self.registry.user(request.bearer())
+        """Static user tokens from the registry, else the identity providers."""
+        token = request.bearer()
         peer = _peer(request)
-        if identity is None:
+        identity = self.registry.user(token)
+        if identity is not None:
+            return self._client_start(identity, peer)
+        if self.authenticator is None or not token:
             self.log.warn("client refused: unknown or missing user token (peer {peer})",
                           peer=peer)
             raise HeadError(401, "user token rejected: unknown, revoked or missing")
 
+        def authenticated(principal):
+            if not principal:
+                raise HeadError(401, "user token rejected: unknown, revoked or missing")
+            return self._client_start(Identity(principal.username, tuple(principal.groups)),
+                                      peer)
+
+        def refused(failure):
+            failure.trap(AuthError)
+            self.log.warn("client refused: {reason} (peer {peer})",
+                          reason=failure.value.reason, peer=peer)
+            raise HeadError(401, "user token rejected: %s" % (failure.value.reason,))
+
+        return self.authenticator.authenticate(token).addCallbacks(authenticated, refused)
+
+    def _client_start(self, identity, peer):
         def start(send, close):
             session = Session(dialer=False, clock=self.clock, limits=self.limits,
                               name="client:%s@%s" % (identity.name, peer),

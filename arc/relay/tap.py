@@ -22,7 +22,10 @@ class RelayService(MultiService):
     def __init__(self, cfg, reactor):
         super().__init__()
         self.config = cfg
-        self.relay = Relay(reactor, cfg.registry, cfg.limits)
+        self.relay = Relay(reactor, cfg.registry, cfg.limits, cfg.authenticator)
+        if cfg.authenticator is not None:
+            for service in cfg.authenticator.services():
+                service.setServiceParent(self)
         tls = None
         if cfg.tls_cert:
             tls = server_options_from_files(cfg.tls_cert, cfg.tls_key, file=cfg.file)

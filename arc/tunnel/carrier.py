@@ -167,6 +167,7 @@ class TunnelServerProtocol(Protocol):
 
     def _refuse(self, status, message):
         self._done = True
+        self._buf = bytearray()
         self._cancel_timer()
         self.transport.write(http_error(status, message))
         self.transport.loseConnection()
@@ -176,6 +177,8 @@ class TunnelServerProtocol(Protocol):
             self._inner.dataReceived(data)
             return
         if self._done:
+            if self.connected and self._buf:
+                self._buf += data   # arrived while the upgrade was being decided
             return
         self._buf += data
         try:
@@ -195,12 +198,35 @@ class TunnelServerProtocol(Protocol):
             self.transport.write(self.factory.plain(request))
             self.transport.loseConnection()
             return
-        try:
-            start_session = self.factory.accept(request)
-        except HeadError as e:
-            self._refuse(e.status, e.message)
+        if RAW_UPGRADE not in upgrade and "websocket" not in upgrade:
+            self._refuse(400, "unsupported upgrade %r: use %s or websocket"
+                         % (sorted(upgrade), RAW_UPGRADE))
             return
+        # Authentication may take a round trip (an identity provider's keys):
+        # hold the connection still until it is decided.
+        self._done = True
+        self.transport.pauseProducing()
+        d = defer.maybeDeferred(self.factory.accept, request)
+        d.addCallbacks(self._accepted, self._not_accepted, callbackArgs=(upgrade,))
+        d.addErrback(self._failed)
+
+    def _not_accepted(self, failure):
+        failure.trap(HeadError)
+        if self.connected:
+            self._refuse(failure.value.status, failure.value.message)
+
+    def _failed(self, failure):
+        self.log.failure("accepting a tunnel failed", failure)
+        if self.connected:
+            self._refuse(500, "internal error at the relay")
+
+    def _accepted(self, start_session, upgrade):
+        if not self.connected:
+            return
+        self.transport.resumeProducing()
+        buffered, self._buf = bytes(self._buf), bytearray()
         if RAW_UPGRADE in upgrade:
+            rest = buffered[buffered.index(b"\r\n\r\n") + 4:]
             self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
                                  b"Connection: Upgrade\r\nUpgrade: " + RAW_UPGRADE.encode()
                                  + b"\r\n\r\n")
@@ -212,16 +238,12 @@ class TunnelServerProtocol(Protocol):
             self.dataReceived = session.dataReceived
             if rest:
                 session.dataReceived(rest)
-        elif "websocket" in upgrade:
+        else:
             ws = self.factory.websocket.buildProtocol(self.transport.getPeer())
             ws.start_session = start_session
             self._inner = ws
             ws.makeConnection(self.transport)
-            ws.dataReceived(bytes(self._buf))
-        else:
-            self._refuse(400, "unsupported upgrade %r: use %s or websocket"
-                         % (sorted(upgrade), RAW_UPGRADE))
-        self._buf = bytearray()
+            ws.dataReceived(buffered)
 
     def _cancel_timer(self):
         if self._timer is not None and self._timer.active():
@@ -229,6 +251,7 @@ class TunnelServerProtocol(Protocol):
         self._timer = None
 
     def connectionLost(self, reason):
+        self.connected = 0
         self._cancel_timer()
         if self._raw:
             # A session takes a reason text (it ends up in stream resets).
