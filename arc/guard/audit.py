@@ -1,0 +1,239 @@
+"""The guard's audit log: one JSON line per request, and never a token.
+
+An :class:`AuditRecord` collects what the guard learnt about one request
+(who asked, as whom it was forwarded, what it asked for, how it ended); an
+:class:`AuditLog` serializes it and appends it to the destination.
+
+Writing happens in the reactor thread.  Records are queued and written one
+batch per reactor turn (the first record of a turn schedules a
+``callLater(0)``), as one ``write`` call on an unbuffered file, so every
+write ends on a line boundary and nothing waits in a buffer.  A local file
+or a pipe accepts such a write at once; only a reader that stops draining
+stdout for long enough to fill its pipe could stall the reactor.  A writer
+thread would avoid that at the cost of ordering and shutdown care, which
+this log does not need.
+
+:class:`AuditRecord` refuses to carry credentials into the log: any value
+that looks like a JWT or a ``Bearer`` header value is written as
+``[redacted]`` and counted (:attr:`AuditLog.redactions`).
+"""
+
+import json
+import os
+import time
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+REDACTED = "[redacted]"
+#: Destinations other than a file path.
+DESTINATIONS = ("stdout", "stderr", "none")
+_STANDARD_FDS = {"stdout": 1, "stderr": 2}
+_FILE_MODE = 0o640
+
+#: Record fields in serialization order, with their defaults.
+_FIELDS = (
+    ("time", ""), ("audit_id", ""), ("cluster", ""), ("peer", ""),
+    ("issuer", ""), ("subject", ""), ("user", ""), ("groups", ()),
+    ("impersonated_user", ""), ("impersonated_groups", ()),
+    ("method", ""), ("decision", ""), ("reason", ""),
+    ("verb", ""), ("resource", ""), ("namespace", ""), ("name", ""),
+    ("subresource", ""), ("api_group", ""), ("upgrade", ""),
+    ("status", 0), ("bytes_in", 0), ("bytes_out", 0), ("duration_ms", 0),
+)
+#: Fields written even when empty; the others are left out when empty.
+_ALWAYS = frozenset(("time", "audit_id", "decision", "status", "bytes_in", "bytes_out",
+                     "duration_ms"))
+
+
+def rfc3339(seconds):
+    """``seconds`` since the epoch as RFC 3339 UTC with milliseconds."""
+    whole = int(seconds)
+    return "%s.%03dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)),
+                         int((seconds - whole) * 1000))
+
+
+class AuditRecord:
+    """What the guard knows about one request; mutable while it runs.
+
+    ``time`` is when the request started (RFC 3339 UTC; now by default);
+    ``user``/``groups`` are the authenticated identity and
+    ``impersonated_user``/``impersonated_groups`` what was sent to the API
+    server; ``method`` is ``oidc``, ``static`` or ``passthrough``;
+    ``decision`` is ``allow`` or ``deny`` (or ``error`` when the guard
+    itself failed); ``upgrade`` is ``""``, ``websocket`` or ``spdy``;
+    ``status`` is the HTTP status answered.
+    Fields are set by keyword or assigned; unknown names raise TypeError.
+    """
+
+    __slots__ = tuple(name for name, _ in _FIELDS)
+
+    def __init__(self, **values):
+        for name, default in _FIELDS:
+            setattr(self, name, values.pop(name, default))
+        if values:
+            raise TypeError("unknown audit record fields: %s" % (", ".join(sorted(values)),))
+        if not self.time:
+            self.time = rfc3339(time.time())
+
+    def to_json(self):
+        """One line of JSON (no newline): fields in a fixed order, empty ones left out."""
+        return _serialize(self)[0]
+
+
+def _token_like(value):
+    """True for a JWT-looking value (``eyJ`` then a ``.``) or a ``Bearer`` header value."""
+    start = value.find("eyJ")
+    return (start >= 0 and value.find(".", start + 3) >= 0) or value[:7].lower() == "bearer "
+
+
+def _scrub(value):
+    """``(value, count)``: ``value`` with token-like strings replaced, and how many."""
+    if isinstance(value, str):
+        return (REDACTED, 1) if _token_like(value) else (value, 0)
+    if isinstance(value, (list, tuple)):
+        hits = [isinstance(v, str) and _token_like(v) for v in value]
+        return [REDACTED if hit else v for v, hit in zip(value, hits)], sum(hits)
+    return value, 0
+
+
+def _serialize(record):
+    """``(line, redactions)`` for ``record``."""
+    out = {}
+    redactions = 0
+    for name, _ in _FIELDS:
+        value, count = _scrub(getattr(record, name))
+        redactions += count
+        if value or name in _ALWAYS:
+            out[name] = value
+    return json.dumps(out, separators=(",", ":")), redactions
+
+
+def _private(path, flags):
+    return os.open(path, flags, _FILE_MODE)
+
+
+class AuditLog(Service):
+    """Appends records as JSON lines to ``destination``.
+
+    ``destination`` is ``"stdout"`` or ``"stderr"`` (file descriptor 1 or
+    2, bypassing any redirection of ``sys.stdout`` by the logging system),
+    ``"none"``, or the absolute path of a file, opened once for appending
+    (created with mode 0640) and reopened by :meth:`reopen`.  ``stream``
+    replaces the descriptor of ``stdout``/``stderr`` with a binary stream
+    (``write`` and ``flush``).  ``reactor`` schedules the batched writes.
+
+    As a service it writes what is queued when it stops.
+    """
+
+    log = Logger()
+
+    def __init__(self, destination, *, reactor=None, stream=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.destination = destination
+        #: How many token-like values were replaced by ``[redacted]``.
+        self.redactions = 0
+        self._reactor = reactor
+        self._pending = []
+        self._call = None
+        self._path = None
+        if destination == "none":
+            self._sink = None
+        elif destination in _STANDARD_FDS:
+            self._sink = stream or open(_STANDARD_FDS[destination], "wb", buffering=0,
+                                        closefd=False)
+        else:
+            self._path = destination
+            self._sink = self._open()
+
+    def _open(self):
+        return open(self._path, "ab", buffering=0, opener=_private)
+
+    def emit(self, record):
+        """Queue ``record`` (an :class:`AuditRecord`); it is written on the next reactor turn."""
+        if self._sink is None:
+            return
+        line, redactions = _serialize(record)
+        if redactions:
+            self.redactions += redactions
+            self.log.warn("audit record held {count} token-like values; they were written as "
+                          "[redacted]", count=redactions)
+        self._pending.append(line)
+        if self._call is None:
+            self._call = self._reactor.callLater(0, self.flush)
+
+    def flush(self):
+        """Write every queued record now, as one write call."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        data = memoryview(("\n".join(lines) + "\n").encode("utf-8"))
+        try:
+            while data:
+                written = self._sink.write(data)
+                if not written:
+                    raise BlockingIOError("the destination accepts no more data")
+                data = data[written:]
+            self._sink.flush()
+        except (OSError, ValueError) as e:
+            self.log.error("audit log {destination}: {count} records lost: {error}",
+                           destination=self.destination, count=len(lines), error=e)
+
+    def reopen(self):
+        """Write what is queued, then reopen the file (after log rotation moved it).
+
+        If the file cannot be reopened, records keep going to the old one.
+        A no-op for the other destinations.
+        """
+        if self._path is None:
+            return
+        self.flush()
+        try:
+            sink = self._open()
+        except OSError as e:
+            self.log.error("audit log {destination}: cannot reopen ({error}); still writing "
+                           "to the file opened before", destination=self._path, error=e)
+            return
+        old, self._sink = self._sink, sink
+        old.close()
+
+    def close(self):
+        """Write what is queued and close the destination; later records are dropped."""
+        self.flush()
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.close()
+
+    def stopService(self):
+        self.flush()
+        return Service.stopService(self)
+
+
+def parse_audit(node, *, reactor=None):
+    """The optional ``audit:`` section of ``node``: an :class:`AuditLog`.
+
+    ``destination`` is ``stdout`` (the default), ``stderr``, ``none``, or a
+    file path (relative to the configuration file) whose directory exists.
+    """
+    section = node.section("audit")
+    destination = section.get("destination", str, "stdout")
+    if destination not in DESTINATIONS:
+        destination = section.path("destination", must_exist=False)
+        directory = os.path.dirname(destination)
+        if os.path.isdir(destination):
+            raise section.error("destination", "%s is a directory: name a file in it, such as "
+                                               "%s" % (destination,
+                                                       os.path.join(destination, "audit.jsonl")))
+        if not os.path.isdir(directory):
+            raise section.error("destination", "directory %s does not exist: create it, or "
+                                               "choose stdout, stderr or none" % (directory,))
+    section.finish()
+    try:
+        return AuditLog(destination, reactor=reactor)
+    except OSError as e:
+        raise section.error("destination", "cannot open %s for appending: %s"
+                            % (destination, e.strerror)) from None
