@@ -50,6 +50,11 @@ class FreshInstallTests(unittest.TestCase):
         record = subprocess.run([python, "-m", "pip", "show", "-f", "arc"], capture_output=True,
                                 text=True, cwd=venv, check=True, env=env).stdout
         self.assertIn("twisted/plugins/arc_plugins.py", record)
+        # Every subpackage made it into the wheel (a forgotten one breaks a part).
+        for module in ("arc/tunnel/session.py", "arc/guard/proxy.py", "arc/identity/oidc.py",
+                       "arc/client/proxy.py", "arc/cli/main.py", "arc/testing/apiserver.py"):
+            self.assertIn(module, record)
+        self.assertNotIn("tests/", record)
         self.assertNotIn("dropin.cache", record)
         # Run outside the source tree, so only the installed copy can be found.
         twistd = os.path.join(venv, "bin", "twistd")
@@ -58,6 +63,10 @@ class FreshInstallTests(unittest.TestCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         for name in TAPNAMES:
             self.assertIn(name, out.stdout)
+        cli = subprocess.run([os.path.join(venv, "bin", "arc"), "--help"], capture_output=True,
+                             text=True, timeout=60, cwd=venv, env=env)
+        self.assertEqual(cli.returncode, 0, cli.stderr)
+        self.assertIn("login", cli.stdout)
         help_out = subprocess.run([twistd, "arc-relay", "--help"], capture_output=True, text=True,
                                   timeout=60, cwd=venv, env=env)
         self.assertIn("--config", help_out.stdout)
