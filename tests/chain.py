@@ -34,7 +34,7 @@ class Chain:
     """The whole chain in ``base`` (a fresh directory)."""
 
     def __init__(self, base, *, transport="tunnel", extra_clusters=(), tunnel=None,
-                 api_tokens=None, api_extra=(), **prepare):
+                 api_tokens=None, api_extra=(), with_client=True, **prepare):
         self.base = base
         self.parts = {}
         self.api_dir = os.path.join(base, "api")
@@ -49,6 +49,7 @@ class Chain:
         self.api_tokens = api_tokens or ["%s=admin:system:masters" % API_TOKEN]
         self.api_extra = list(api_extra)
         self.prepare = prepare
+        self.with_client = with_client
         self.files = None
 
     # -- parts ------------------------------------------------------------------
@@ -73,8 +74,9 @@ class Chain:
             extra_clusters=self.extra_clusters, tunnel=self.tunnel, **self.prepare)
         self.start_relay()
         self.start_agent()
-        self.start_client()
-        self.wait_ready()
+        if self.with_client:
+            self.start_client()
+            self.wait_ready()
         return self
 
     def start_relay(self):

@@ -23,6 +23,8 @@ class ClusterEntry:
     context: str
     listen: Optional[str]
     token_file: Optional[str]
+    kubeconfig_user: Optional[dict] = None   # written verbatim as the kubeconfig user
+    write_kubeconfig: bool = True
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ClientConfig:
     set_current_context: bool
     clusters: tuple
     limits: Limits
+    control: Optional[str] = None
 
 
 def load_client_config(path):
@@ -55,6 +58,8 @@ def load_client_config(path):
             context=entry.get("context", str, name),
             listen=entry.get("listen", str, None),
             token_file=entry.path("token_file", None),
+            kubeconfig_user=_kubeconfig_user(entry),
+            write_kubeconfig=entry.get("write_kubeconfig", bool, True),
         ))
         entry.finish()
     if not clusters:
@@ -68,6 +73,23 @@ def load_client_config(path):
         set_current_context=node.get("set_current_context", bool, False),
         clusters=tuple(clusters),
         limits=parse_limits(node),
+        control=node.get("control", str, None),
     )
     node.finish()
     return cfg
+
+
+def _kubeconfig_user(entry):
+    """``kubeconfig_user:``: the kubeconfig user entry for the cluster's context.
+
+    Typically an exec credential plugin (``exec: {command: arc, args: [token]}``).
+    """
+    user = entry.get("kubeconfig_user", dict, None)
+    if user is None:
+        return None
+    if entry.has("token_file"):
+        raise entry.error("kubeconfig_user", "give either token_file or kubeconfig_user")
+    exec_entry = user.get("exec")
+    if exec_entry is not None and not (isinstance(exec_entry, dict) and exec_entry.get("command")):
+        raise entry.error("kubeconfig_user.exec", "an exec credential needs a command")
+    return user

@@ -1,12 +1,16 @@
 """``twistd arc-client --config client.yaml``."""
 
 import base64
+import os
+import signal
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from arc.client.config import load_client_config
+from arc.client.control import control_factory
+from arc.errors import ConfigError
 from arc.client.localca import ensure_local_ca
 from arc.client.proxy import KubectlFactory
 from arc.kube.kubeconfig import default_kubeconfig_path, merge_context
@@ -67,6 +71,10 @@ class ProxyService(MultiService):
         self.kubeconfig_path = cfg.kubeconfig or default_kubeconfig_path()
         self.ready = defer.Deferred()
         self.port = None
+        self.servers = {}          # cluster -> server URL written into the kubeconfig
+        if cfg.control:
+            listen_service(reactor, cfg.control, control_factory(self), None, file=cfg.file,
+                           key="control").setServiceParent(self)
 
     def _make_session(self):
         session = Session(dialer=True, clock=self.reactor, limits=self.config.limits,
@@ -86,28 +94,73 @@ class ProxyService(MultiService):
 
     def startService(self):
         super().startService()
-        d = self._write_kubeconfig()
+        d = self._write_kubeconfig(self.config.clusters)
         d.addCallbacks(self.ready.callback, self.ready.errback)
+        if self.config.control:
+            signal.signal(signal.SIGHUP,
+                          lambda *_: self.reactor.callFromThread(self.reload))
+
+    def reload(self):
+        """Re-read the configuration's cluster list (``arc connect`` adds to it)."""
+        try:
+            cfg = load_client_config(self.config_file)
+        except ConfigError as e:
+            self.log.error("reload refused, keeping the running configuration: {error}",
+                           error=str(e))
+            return defer.succeed(None)
+        added = [c for c in cfg.clusters if self.clusters.get(c.name) != c]
+        self.clusters = {c.name: c for c in cfg.clusters}
+        self.log.info("reloaded {file}: {n} clusters", file=self.config_file, n=len(cfg.clusters))
+        return self._write_kubeconfig(added)
+
+    def cluster_entry(self, cluster, port):
+        ca_data = base64.b64encode(self.local_ca.ca_cert_pem).decode("ascii")
+        return {"server": _server_url(port), "certificate-authority-data": ca_data,
+                "tls-server-name": self.local_ca.server_name(cluster.name)}
+
+    @staticmethod
+    def user_entry(cluster):
+        if cluster.kubeconfig_user is not None:
+            return cluster.kubeconfig_user
+        return {"tokenFile": cluster.token_file} if cluster.token_file else {}
 
     @defer.inlineCallbacks
-    def _write_kubeconfig(self):
+    def _write_kubeconfig(self, clusters):
         main = yield bound_port(self.listener)
         self.port = main.getHost().port
-        ca_data = base64.b64encode(self.local_ca.ca_cert_pem).decode("ascii")
-        for cluster in self.config.clusters:
+        for cluster in clusters:
             port = main
             if cluster.name in self.dedicated:
                 port = yield bound_port(self.dedicated[cluster.name])
-            entry = {"server": _server_url(port), "certificate-authority-data": ca_data,
-                     "tls-server-name": self.local_ca.server_name(cluster.name)}
-            user = {"tokenFile": cluster.token_file} if cluster.token_file else {}
+            entry = self.cluster_entry(cluster, port)
+            self.servers[cluster.name] = entry["server"]
+            if not cluster.write_kubeconfig:
+                continue
             merge_context(self.kubeconfig_path, context=cluster.context, cluster_entry=entry,
-                          user_entry=user, set_current=self.config.set_current_context
+                          user_entry=self.user_entry(cluster),
+                          set_current=self.config.set_current_context
                           and cluster is self.config.clusters[0])
             self.log.info("kubeconfig {path}: context {context} -> cluster {cluster} via "
                           "{server}", path=self.kubeconfig_path, context=cluster.context,
                           cluster=cluster.name, server=entry["server"])
         return self.kubeconfig_path
+
+    def status(self):
+        """What ``arc status`` shows."""
+        session = self.session()
+        return {
+            "pid": os.getpid(),
+            "relay": self.relay_url,
+            "tunnel": "up" if session is not None else "down",
+            "last_error": self.dialer.last_error,
+            "rtt_ms": round(session.rtt * 1000, 3) if session is not None and session.rtt
+            else None,
+            "streams": len(session.streams) if session is not None else 0,
+            "kubeconfig": self.kubeconfig_path,
+            "clusters": [{"name": c.name, "context": c.context,
+                          "server": self.servers.get(c.name)}
+                         for c in self.clusters.values()],
+        }
 
 
 def makeService(options, reactor=None):

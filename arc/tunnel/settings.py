@@ -62,13 +62,37 @@ def parse_relay_link(node):
             ca_pem = f.read()
         if b"-----BEGIN CERTIFICATE-----" not in ca_pem:
             raise section.error("ca_file", "%s holds no PEM certificate" % (ca_path,))
+    if section.has("token_cache"):
+        credential = _cached_token(section)
+    else:
+        credential = section.secret("token")
     link = RelayLink(
         url=url,
         server_name=section.get("server_name", str, parts.hostname),
         ca_pem=ca_pem,
-        credential=section.secret("token"),
+        credential=credential,
         transport=section.choice("transport", TRANSPORTS, "tunnel"),
         websocket_mask=section.get("websocket_mask", bool, True),
     )
     section.finish()
     return link
+
+
+def _cached_token(section):
+    """``token_cache:`` a login cache (JSON with ``id_token``) kept fresh by ``arc token``."""
+    import json
+    path = section.path("token_cache", must_exist=False)
+
+    def read():
+        from arc.errors import ConfigError
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = json.load(f).get("id_token")
+        except (OSError, ValueError) as e:
+            raise ConfigError("cannot read the login cache: %s; run \"arc login\""
+                              % (getattr(e, "strerror", None) or e,), file=path)
+        if not token:
+            raise ConfigError("the login cache holds no token; run \"arc login\"", file=path)
+        return token
+
+    return read
