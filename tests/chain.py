@@ -54,8 +54,8 @@ class Chain:
 
     # -- parts ------------------------------------------------------------------
 
-    def add(self, name, argv):
-        part = Part(name, argv, os.path.join(self.base, name + ".log"))
+    def add(self, name, argv, env=None):
+        part = Part(name, argv, os.path.join(self.base, name + ".log"), env=env)
         self.parts[name] = part
         return part.start()
 
@@ -84,12 +84,11 @@ class Chain:
         wait_for(lambda: port_in_use(self.files.relay_port), 20, "the relay to listen",
                  alive=self.parts["relay"])
 
-    def start_agent(self, config=None, name="agent"):
-        return self.add(name, twist("arc-agent", config or self.files.agent_config))
+    def start_agent(self, config=None, name="agent", env=None):
+        return self.add(name, twist("arc-agent", config or self.files.agent_config), env)
 
-    def start_client(self, config=None, name="client"):
-        part = self.add(name, twist("arc-client", config or self.files.client_config))
-        return part
+    def start_client(self, config=None, name="client", env=None):
+        return self.add(name, twist("arc-client", config or self.files.client_config), env)
 
     def requests(self):
         """What the API server emulator received, one dict per request."""

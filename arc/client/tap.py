@@ -66,7 +66,8 @@ class ProxyService(MultiService):
         self.dialer = TunnelDialer(
             reactor, relay_url=cfg.relay.url, path=CLIENT_PATH, credential=cfg.relay.credential,
             make_session=self._make_session, tls_options=cfg.relay.tls_options(),
-            transport=cfg.relay.transport, what="user", ws_mask=cfg.relay.websocket_mask)
+            transport=cfg.relay.transport, what="user", ws_mask=cfg.relay.websocket_mask,
+            proxy=cfg.relay.proxy)
         self.dialer.setServiceParent(self)
         self.kubeconfig_path = cfg.kubeconfig or default_kubeconfig_path()
         self.ready = defer.Deferred()

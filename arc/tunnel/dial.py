@@ -18,6 +18,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
 from arc.tunnel.carrier import RawDialerFactory, UpgradeRefused, websocket_dialer_factory
+from arc.tunnel.connectproxy import HTTPConnectEndpoint, ProxyError, proxy_for
 
 
 def full_jitter(initial=0.5, maximum=30.0, factor=2.0, rng=random.random):
@@ -42,7 +43,27 @@ def explain_refusal(what, failure):
         if exc.status:
             return "relay answered %d: %s" % (exc.status, exc.message)
         return exc.message
+    if isinstance(exc, ProxyError):
+        return "%s (check HTTPS_PROXY/NO_PROXY or relay.proxy)" % (exc,)
     return failure.getErrorMessage()
+
+
+class _ReportingEndpoint:
+    """Records and logs why a connection attempt failed (refused, DNS, proxy, TLS)."""
+
+    def __init__(self, endpoint, dialer):
+        self.endpoint = endpoint
+        self.dialer = dialer
+
+    def connect(self, factory):
+        def failed(failure):
+            dialer = self.dialer
+            dialer.last_error = explain_refusal(dialer.what, failure)
+            dialer.log.error("cannot reach the relay {url}: {error}", url=dialer.relay_url,
+                             error=dialer.last_error)
+            return failure
+
+        return self.endpoint.connect(factory).addErrback(failed)
 
 
 class TunnelDialer(Service):
@@ -57,7 +78,7 @@ class TunnelDialer(Service):
 
     def __init__(self, reactor, *, relay_url, path, credential, make_session, tls_options,
                  transport="tunnel", extra_headers=None, what="agent", backoff=None,
-                 ws_mask=True):
+                 ws_mask=True, proxy=None):
         self.reactor = reactor
         self.relay_url = relay_url
         self.path = path
@@ -69,6 +90,7 @@ class TunnelDialer(Service):
         self.what = what
         self.backoff = backoff or full_jitter()
         self.ws_mask = ws_mask
+        self.proxy = proxy
         self.session = None
         self.last_error = None
         self.connects = 0
@@ -82,10 +104,17 @@ class TunnelDialer(Service):
     def _endpoint(self):
         parts = urlsplit(self.relay_url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        endpoint = HostnameEndpoint(self.reactor, parts.hostname, port)
+        proxy = proxy_for(parts.hostname, self.proxy)
+        if proxy:
+            self.log.info("reaching the relay through the proxy {proxy}",
+                          proxy=urlsplit(proxy)._replace(netloc=urlsplit(proxy).hostname or "")
+                          .geturl())
+            endpoint = HTTPConnectEndpoint(self.reactor, proxy, parts.hostname, port)
+        else:
+            endpoint = HostnameEndpoint(self.reactor, parts.hostname, port)
         if parts.scheme == "https":
             endpoint = wrapClientTLS(self.tls_options, endpoint)
-        return endpoint
+        return _ReportingEndpoint(endpoint, self)
 
     def _factory(self):
         parts = urlsplit(self.relay_url)

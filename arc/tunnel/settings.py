@@ -39,6 +39,7 @@ class RelayLink:
     credential: Callable[[], str]
     transport: str
     websocket_mask: bool
+    proxy: Optional[str] = None
 
     def tls_options(self):
         from arc.tls import client_options
@@ -73,7 +74,11 @@ def parse_relay_link(node):
         credential=credential,
         transport=section.choice("transport", TRANSPORTS, "tunnel"),
         websocket_mask=section.get("websocket_mask", bool, True),
+        proxy=section.get("proxy", str, None),
     )
+    if link.proxy not in (None, "none") and not link.proxy.startswith("http://"):
+        raise section.error("proxy", "give an http:// proxy URL (CONNECT) or none, not %r"
+                            % (link.proxy,))
     section.finish()
     return link
 
