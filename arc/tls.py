@@ -92,3 +92,10 @@ def pending_write_bytes(transport):
     if transport is None:
         return 0
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def is_tls_failure(exc):
+    """True for a failed handshake or certificate check (name, trust)."""
+    from OpenSSL.SSL import Error as SSLError
+    from service_identity import VerificationError
+    return isinstance(exc, (SSLError, VerificationError))

@@ -90,3 +90,19 @@ class EgressThroughProxyTests(unittest.TestCase):
         self.assertIn("407", part.output())
         self.assertNotIn("s3cret", part.output())
         self.assertNotIn("wrong", part.output().replace("client-wrong", ""))
+
+
+class RelayTLSMismatchTests(unittest.TestCase):
+    timeout = 120
+
+    def test_wrong_server_name_is_explained(self):
+        base = tempfile.mkdtemp(prefix="arc-tls-")
+        chain = Chain(base, with_client=False)
+        self.addCleanup(chain.stop)
+        chain.start()
+        config = chain.variant(chain.files.client_config, "client-wrong-name.yaml",
+                               lambda c: c["relay"].update(server_name="relay.wrong.example"))
+        part = chain.start_client(config, name="client-wrong-name")
+        wait_for(lambda: "TLS handshake with the relay failed" in part.output(), 20,
+                 "the client to explain the TLS failure")
+        self.assertIn("relay.server_name", part.output())

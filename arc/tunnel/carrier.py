@@ -26,7 +26,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from arc.tls import set_nodelay
+from arc.tls import is_tls_failure, set_nodelay
 
 RAW_UPGRADE = "arc-tunnel/1"
 WS_SUBPROTOCOL = "arc-tunnel.v1"
@@ -408,6 +408,8 @@ class RawDialerProtocol(Protocol):
         if self.session is not None:
             self.session.connectionLost("connection to relay lost: %s"
                                         % (reason.getErrorMessage(),))
+        elif is_tls_failure(reason.value):
+            self._fail(reason.value)
         else:
             self._fail(UpgradeRefused(0, "connection closed before the tunnel was up: %s"
                                       % (reason.getErrorMessage(),)))

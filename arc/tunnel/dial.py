@@ -17,6 +17,7 @@ from twisted.application.service import Service
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
+from arc.tls import is_tls_failure
 from arc.tunnel.carrier import RawDialerFactory, UpgradeRefused, websocket_dialer_factory
 from arc.tunnel.connectproxy import HTTPConnectEndpoint, ProxyError, proxy_for
 
@@ -33,6 +34,13 @@ def full_jitter(initial=0.5, maximum=30.0, factor=2.0, rng=random.random):
 
 def explain_refusal(what, failure):
     """One line naming the cause of a failed tunnel attempt, and the fix."""
+    try:
+        return _explain(what, failure)
+    except Exception:   # an explanation must never break the reconnect loop
+        return failure.getErrorMessage()
+
+
+def _explain(what, failure):
     exc = failure.value
     if isinstance(exc, UpgradeRefused):
         if exc.status == 401:
@@ -45,7 +53,22 @@ def explain_refusal(what, failure):
         return exc.message
     if isinstance(exc, ProxyError):
         return "%s (check HTTPS_PROXY/NO_PROXY or relay.proxy)" % (exc,)
+    if is_tls_failure(exc):
+        return ("TLS handshake with the relay failed: its certificate is not valid for the "
+                "expected name or not signed by a trusted CA (%s); check relay.url, "
+                "relay.server_name and relay.ca_file" % (_tls_detail(exc),))
     return failure.getErrorMessage()
+
+
+def _tls_detail(exc):
+    errors = getattr(exc, "errors", None)
+    if errors:   # service_identity: the names that did not match
+        return "; ".join(str(e) for e in errors)
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], list):   # OpenSSL: [(lib, func, reason), ...]
+        return "; ".join(str(part[-1]) for part in args[0]
+                         if isinstance(part, tuple) and part) or str(exc)
+    return str(exc)
 
 
 class _ReportingEndpoint:
