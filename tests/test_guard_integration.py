@@ -47,6 +47,8 @@ def mint(issuer, path, sub, groups, ttl=3600):
 class OIDCGuardTests(ChainMixin, unittest.TestCase):
     """Impersonation mode with an OIDC issuer, end to end."""
 
+    clock_skew = None
+
     @classmethod
     def make_chain(cls, base):
         issuer = start_issuer(base)
@@ -56,6 +58,8 @@ class OIDCGuardTests(ChainMixin, unittest.TestCase):
         mint(issuer, cls.mallory_file, "mallory", ["dev"])
         oidc = {"issuer": issuer.url, "client_id": "arc", "ca_file": issuer.ca_file,
                 "username_prefix": "oidc:", "groups_prefix": "oidc:"}
+        if cls.clock_skew is not None:
+            oidc["clock_skew"] = cls.clock_skew
         cls.audit_file = os.path.join(base, "audit.jsonl")
         chain = Chain(
             base, api_tokens=["%s=arc-guard" % GUARD_TOKEN, "admin-token=admin:system:masters"],
@@ -178,3 +182,36 @@ class StaticGuardDemoTests(ChainMixin, unittest.TestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("impersonation", result.stderr)
 
+
+
+class TokenExpiryTests(ChainMixin, unittest.TestCase):
+    """A token that expires during ``logs -f`` does not cut it; new requests need a new one."""
+
+    clock_skew = 0
+    make_chain = OIDCGuardTests.__dict__["make_chain"]
+
+    def test_logs_follow_outlives_its_token(self):
+        import time
+        issuer = self.chain.parts["oidc"]
+        short = os.path.join(self.base, "short.jwt")
+        mint(issuer, short, "alice", ["dev"], ttl=4)
+        kubeconfig = os.path.join(self.base, "short.kubeconfig")
+        with open(self.chain.files.kubeconfig) as f:
+            text = f.read()
+        with open(kubeconfig, "w") as f:
+            f.write(text.replace(self.alice_file, short))
+        argv = [self.chain.kubectl_bin, "--kubeconfig", kubeconfig, "--cache-dir",
+                self.chain.cache, "logs", "-f", "ticker"]
+        logs = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            read_until(logs, lambda text: text.count("\n") >= 2, 30)
+            time.sleep(6)   # the token (4 s) is now expired; clock_skew is 0 here
+            expired = self.kubectl("get", "pods", kubeconfig=kubeconfig, check=False)
+            self.assertNotEqual(expired.returncode, 0)
+            self.assertIn("expired", expired.stderr)
+            later = read_until(logs, lambda text: text.count("\n") >= 5, 30)
+            self.assertTrue(later)
+            self.assertIsNone(logs.poll(), "logs -f was cut")
+        finally:
+            logs.kill()
+            logs.wait(10)

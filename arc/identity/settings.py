@@ -162,7 +162,11 @@ def parse_issuer(node):
         if problem:
             raise extra_node.error(claim, problem)
         extra.append((str(claim), key))
+    leeway = node.get("clock_skew", float, LEEWAY)
+    if not 0 <= leeway <= LEEWAY:
+        raise node.error("clock_skew", "must be between 0 and %d seconds" % LEEWAY)
     settings = IssuerSettings(
+        leeway=leeway,
         issuer=issuer,
         client_id=client_id,
         username_claim=username_claim,
