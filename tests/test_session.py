@@ -432,6 +432,24 @@ class KeepaliveTests(unittest.TestCase):
         # The dead session left no timer behind.
         self.assertIsNone(p.dialer._timer)
 
+    def test_dead_detected_at_dead_after_not_a_ping_later(self):
+        # ping_interval 10, dead_after 25: the last byte arrives between two
+        # ticks, and detection comes 25 s after it, not at the next tick.
+        p = Pair(limits=Limits(ping_interval=10, dead_after=25))
+        p.clock.advance(3)
+        p.acceptor.ping()
+        p.pump()
+        last = p.clock.seconds()
+        p.link.muted.add(p.acceptor)
+        while not p.dialer.closed:
+            p.clock.advance(0.05)
+            p.link.deliver(p.dialer)
+            self.assertLess(p.clock.seconds() - last, 25.2)
+        self.assertGreaterEqual(p.clock.seconds() - last, 25 - 0.01)
+        # Pings kept their own pace meanwhile: one every 10 s.
+        pings = p.link.sent_types(p.dialer, F.PING, F.SYN)
+        self.assertEqual(len(pings), 2)
+
     def test_any_inbound_traffic_keeps_alive(self):
         p = Pair(limits=Limits(ping_interval=15, dead_after=45))
         p.link.muted.add(p.acceptor)

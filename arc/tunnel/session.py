@@ -72,6 +72,7 @@ class Session:
         self._close_transport = None
         self._timer = None
         self._last_rx = clock.seconds()
+        self._next_ping = None
         self._ping_sent = {}
         self._ping_seq = 0
         self.rtt = None
@@ -88,9 +89,10 @@ class Session:
         """The carrier is ready: ``send(list_of_bytes)``, ``close()``."""
         self._send = send
         self._close_transport = close
-        self._last_rx = self.clock.seconds()
+        now = self._last_rx = self.clock.seconds()
         if self.limits.ping_interval:
-            self._timer = self.clock.callLater(self.limits.ping_interval, self._tick)
+            self._next_ping = now + self.limits.ping_interval
+            self._schedule(now)
 
     def dataReceived(self, data):
         if self.closed:
@@ -261,14 +263,26 @@ class Session:
         self._ping_sent[self._ping_seq] = self.clock.seconds()
         self.send_frame(F.PING, F.SYN, 0, self._ping_seq)
 
+    def _schedule(self, now):
+        # Wake up for the next ping or for the moment the peer would have been
+        # silent for dead_after, whichever comes first: detection happens
+        # dead_after after the last byte, not up to a ping interval later.
+        # Received bytes only move _last_rx; the timer is not touched per read.
+        wake = min(self._next_ping, self._last_rx + self.limits.dead_after)
+        self._timer = self.clock.callLater(max(0.0, wake - now), self._tick)
+
     def _tick(self):
         self._timer = None
         if self.closed:
             return
-        silent = self.clock.seconds() - self._last_rx
-        if silent >= self.limits.dead_after:
-            self.fail(F.TUNNEL_LOST, "peer silent for %.0f s (limit %.0f s): tunnel is dead"
+        now = self.clock.seconds()
+        silent = now - self._last_rx
+        # The small margin absorbs float rounding of the scheduled wake-up.
+        if silent >= self.limits.dead_after - 0.001:
+            self.fail(F.TUNNEL_LOST, "peer silent for %.1f s (limit %.0f s): tunnel is dead"
                       % (silent, self.limits.dead_after))
             return
-        self.ping()
-        self._timer = self.clock.callLater(self.limits.ping_interval, self._tick)
+        if now >= self._next_ping - 0.001:
+            self.ping()
+            self._next_ping = now + self.limits.ping_interval
+        self._schedule(now)
