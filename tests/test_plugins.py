@@ -10,7 +10,7 @@ from twisted.plugin import getPlugins
 from twisted.trial import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TAPNAMES = {"arc-relay", "arc-agent", "arc-client"}
+TAPNAMES = {"arc-relay", "arc-agent", "arc-client", "arc-guard"}
 
 
 class PluginTests(unittest.TestCase):

@@ -11,8 +11,10 @@ passthrough mode, the caller's token and no credential of the guard's).
 Bodies stream both ways as bytes with backpressure; only their end is
 tracked (:mod:`arc.guard.http1`).  An upgrade (exec, attach, port-forward,
 WebSocket or SPDY) is authenticated like any request; once the API server
-answers ``101`` the connection is spliced as raw bytes.  Every request
-leaves one audit record.
+answers ``101`` the connection is spliced as raw bytes.  Client
+``Impersonate-*`` headers of an authenticated caller go on only as far as
+the API server's SubjectAccessReviews allow (:mod:`arc.guard.sar`).  Every
+request leaves one audit record.
 """
 
 import time
@@ -29,6 +31,7 @@ from arc.guard.audit import AuditRecord
 from arc.guard.headers import clean, impersonation_headers
 from arc.guard.http1 import HTTPError
 from arc.guard.requestinfo import request_info
+from arc.guard.sar import ImpersonationRefused, check_impersonation
 from arc.identity.authenticator import PASSTHROUGH
 from arc.identity.model import AuthError
 from arc.tls import set_nodelay
@@ -245,6 +248,41 @@ class GuardProtocol(Protocol):
     def _authenticated(self, principal, head, cleaned):
         if self.state == CLOSED:
             return
+        if principal is not PASSTHROUGH and cleaned.impersonation:
+            # kubectl --as: only what SubjectAccessReviews allow (arc.guard.sar).
+            self._record_caller(principal)
+            d = check_impersonation(self.guard, principal, cleaned.impersonation)
+            d.addCallbacks(self._forward, self._impersonation_refused,
+                           callbackArgs=(principal, head, cleaned))
+            d.addErrback(self._internal_error)
+            return
+        self._forward(None, principal, head, cleaned)
+
+    def _record_caller(self, principal):
+        record = self._record
+        record.method = principal.method
+        record.issuer = principal.issuer
+        record.subject = principal.subject
+        record.user = principal.username
+        record.groups = list(principal.groups)
+
+    def _impersonation_refused(self, failure):
+        if self.state == CLOSED:
+            return
+        if not failure.check(ImpersonationRefused):
+            return failure
+        refusal = failure.value
+        if refusal.requested is not None:
+            self._record.impersonated_user = refusal.requested.user
+            self._record.impersonated_groups = list(refusal.requested.groups)
+        self._refuse(refusal.status, "guard of cluster %r: %s" % (self.guard.cluster,
+                                                                  refusal.message),
+                     reason="client impersonation: " + refusal.message)
+
+    def _forward(self, requested, principal, head, cleaned):
+        """Send the head on: as the caller, as the identity it asked for, or passed through."""
+        if self.state == CLOSED:
+            return
         record = self._record
         headers = cleaned.headers
         if principal is PASSTHROUGH:
@@ -253,21 +291,17 @@ class GuardProtocol(Protocol):
             headers.append(["Authorization", "Bearer " + cleaned.bearer])
             headers.extend([name, value] for name, value in cleaned.impersonation)
         else:
-            if cleaned.impersonation:
-                self._refuse(403, "impersonation by %r is not allowed through the guard "
-                             "(only passthrough tokens may carry Impersonate-* headers)"
-                             % (principal.username,), reason="client impersonation")
-                return
             mode = GUARD_MODE
-            record.method = principal.method
-            record.issuer = principal.issuer
-            record.subject = principal.subject
-            record.user = principal.username
-            record.groups = list(principal.groups)
-            record.impersonated_user = principal.username
-            record.impersonated_groups = list(principal.groups)
-            headers.extend(impersonation_headers(principal.username, principal.groups,
-                                                 principal.extra))
+            self._record_caller(principal)
+            if requested is None:
+                record.impersonated_user = principal.username
+                record.impersonated_groups = list(principal.groups)
+                headers.extend(impersonation_headers(principal.username, principal.groups,
+                                                     principal.extra))
+            else:
+                record.impersonated_user = requested.user
+                record.impersonated_groups = list(requested.groups)
+                headers.extend(requested.headers())
             headers.extend(self.guard.upstream.credential_headers())
         headers.append(["Audit-ID", self._audit_id])
         record.decision = "allow"
