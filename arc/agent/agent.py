@@ -2,9 +2,9 @@
 
 import json
 
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from arc.guard.proxy import QuietFactory
 from arc.guard.upstream import PASSTHROUGH
 from arc.tunnel import frames as F
 from arc.tunnel.pipe import SocketSide, StreamPipe
@@ -52,7 +52,7 @@ class Agent:
             return stream
         pipe = StreamPipe()
         stream.attach(pipe)
-        d = self.upstream.connect(PASSTHROUGH, Factory.forProtocol(lambda: SocketSide(pipe)))
+        d = self.upstream.connect(PASSTHROUGH, QuietFactory(lambda: SocketSide(pipe)))
 
         def failed(failure):
             self.log.warn("cannot reach API server {server} for user {user}: {error}",

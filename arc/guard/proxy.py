@@ -70,6 +70,20 @@ class _PauseGate:
         pass
 
 
+class QuietFactory(Factory):
+    """One connection per factory: no "Starting factory" log line each time."""
+
+    noisy = False
+
+    def __init__(self, build):
+        self.build = build
+
+    def buildProtocol(self, addr):
+        protocol = self.build()
+        protocol.factory = self
+        return protocol
+
+
 class _UpstreamSide(Protocol):
     def __init__(self, guard):
         self.guard = guard
@@ -145,8 +159,12 @@ class GuardProtocol(Protocol):
         if up is not None:
             up.transport.abortConnection()
         if self._record is not None and previous != CLOSED:
-            self._finish_record(status=self._record.status or 499,
-                                reason=self._record.reason or "client went away")
+            if previous == SPLICED:
+                # exec, attach, port-forward: the session ended from the client's side.
+                self._finish_record(status=101, reason="")
+            else:
+                self._finish_record(status=self._record.status or 499,
+                                    reason=self._record.reason or "client went away")
 
     def _advance(self):
         while True:
@@ -322,7 +340,7 @@ class GuardProtocol(Protocol):
             old.transport.loseConnection()
         self._up_mode = mode
         self._up_pending = [raw]
-        d = self.guard.upstream.connect(mode, Factory.forProtocol(lambda: _UpstreamSide(self)))
+        d = self.guard.upstream.connect(mode, QuietFactory(lambda: _UpstreamSide(self)))
         d.addErrback(self._upstream_failed)
 
     def _request_flowing(self):
