@@ -27,7 +27,15 @@ one token.
 
 More endpoints (device code, authorization code with PKCE, token and
 refresh) are added with :meth:`OIDCIssuerServer.add_endpoint`, which also
-records them in the discovery document.
+records them in the discovery document.  :meth:`OIDCIssuerServer.enable_login`
+adds those of :class:`LoginFlows`, which approve one test user by itself::
+
+    flows = server.enable_login(client_id="arc", claims={"sub": "alice"}, ttl=300,
+                                pending=2, slow_down=True)
+    # flows.grants, flows.revoke_refresh_tokens(), flows.approve = False
+
+(``--login-client-id arc --login-sub alice --login-groups dev`` on the
+command line.)
 """
 
 import base64
@@ -35,8 +43,10 @@ import hashlib
 import hmac
 import json
 import os
+import secrets
 import sys
 import time
+from urllib.parse import urlencode, urlsplit
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -56,6 +66,10 @@ from arc.tls import server_options
 DEFAULT_LISTEN = "tcp:0:interface=127.0.0.1"
 DISCOVERY = "discovery"
 JWKS = "jwks"
+DEVICE = "device"
+AUTHORIZE = "authorize"
+TOKEN = "token"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 _HASHES = {"256": hashlib.sha256, "384": hashlib.sha384, "512": hashlib.sha512}
 
 
@@ -326,6 +340,8 @@ class OIDCIssuerServer:
         self.requests = {}
         self.overrides = {}
         self.metadata = {}
+        self.extra_metadata = {}
+        self.login = None
         self._port = None
         self._site = None
         self.ca_pem, self._cert_pem, self._key_pem = self._credentials()
@@ -451,7 +467,22 @@ class OIDCIssuerServer:
         }
         for key, path in self.metadata.items():
             document[key] = "%s/%s" % (self.url, path)
+        document.update(self.extra_metadata)
         return document
+
+    def enable_login(self, **options):
+        """Serve the device, authorization and token endpoints; the :class:`LoginFlows`.
+
+        ``options`` are those of :class:`LoginFlows`.
+        """
+        flows = LoginFlows(self, **options)
+        self.add_endpoint("device", DeviceAuthorizationEndpoint(self, DEVICE, flows),
+                          metadata="device_authorization_endpoint")
+        self.add_endpoint("authorize", AuthorizationEndpoint(self, AUTHORIZE, flows),
+                          metadata="authorization_endpoint")
+        self.add_endpoint("token", TokenEndpoint(self, TOKEN, flows), metadata="token_endpoint")
+        self.login = flows
+        return flows
 
     def start(self):
         """Listen; a Deferred firing with the issuer URL."""
@@ -483,6 +514,233 @@ class OIDCIssuerServer:
         port, self._port = self._port, None
         return DeferredList([port.stopListening(), self._site.close_all()],
                             consumeErrors=True)
+
+
+# -- logging in: device code, authorization code + PKCE, refresh -----------------
+
+
+class GrantRefused(Exception):
+    """An OAuth error answer: ``(status, error, description)``."""
+
+    def __init__(self, error, description, status=400):
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.description = description
+
+    def answer(self):
+        return self.status, {"error": self.error, "error_description": self.description}
+
+
+def _arg(request, name):
+    values = request.args.get(name.encode("ascii"))
+    return values[0].decode("utf-8") if values else None
+
+
+def _loopback_redirect(uri):
+    """True for ``http://127.0.0.1:PORT/...`` (or localhost, [::1]): RFC 8252 7.3."""
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError:
+        return False
+    return (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+            and port is not None and not parts.fragment)
+
+
+def pkce_s256(verifier):
+    return _b64(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+class LoginFlows:
+    """The grants of one public client, approving one test user by itself.
+
+    :param client_id: the only client accepted; the ID tokens' ``aud``.
+    :param claims: the user's claims in every ID token (default: alice, group dev).
+    :param ttl: lifetime of the ID tokens, in seconds.
+    :param pending: ``authorization_pending`` answers to each device code
+        before it is approved.
+    :param slow_down: answer the first poll of each device code ``slow_down``.
+    :param interval: polling interval announced for device codes, in seconds.
+    :param device_ttl: ``expires_in`` of device codes, in seconds.
+    :param approve: False makes the user refuse (``access_denied``).
+
+    ``grants`` lists ``(grant_type, outcome)`` of every token request.
+    Refresh tokens rotate: each is good once; :meth:`revoke_refresh_tokens`
+    makes every one refused.
+    """
+
+    def __init__(self, server, *, client_id="arc", claims=None, ttl=3600, pending=0,
+                 slow_down=False, interval=5, device_ttl=600, approve=True):
+        self.server = server
+        self.client_id = client_id
+        self.claims = dict(claims or {"sub": "alice", "email": "alice@example.com",
+                                      "email_verified": True, "groups": ["dev"]})
+        self.ttl = ttl
+        self.pending = pending
+        self.slow_down = slow_down
+        self.interval = interval
+        self.device_ttl = device_ttl
+        self.approve = approve
+        self.devices = {}
+        self.codes = {}
+        self.refresh_tokens = {}
+        self.grants = []
+
+    def _now(self):
+        return self.server.clock.seconds()
+
+    def _check_client(self, client_id):
+        if client_id != self.client_id:
+            raise GrantRefused("invalid_client", "unknown client %r" % (client_id,), 401)
+
+    def revoke_refresh_tokens(self):
+        self.refresh_tokens.clear()
+
+    def tokens(self, scope, nonce=None):
+        """A token response for the test user."""
+        claims = dict(self.claims, aud=self.client_id, nonce=nonce, jti=secrets.token_hex(8))
+        refresh = secrets.token_urlsafe(32)
+        self.refresh_tokens[refresh] = scope
+        return {"access_token": secrets.token_urlsafe(32), "token_type": "Bearer",
+                "expires_in": self.ttl, "scope": scope, "refresh_token": refresh,
+                "id_token": self.server.mint(claims, ttl=self.ttl)}
+
+    # -- device authorization (RFC 8628) -----------------------------------------
+
+    def start_device(self, client_id, scope):
+        self._check_client(client_id)
+        device_code = secrets.token_urlsafe(32)
+        user_code = "%04d-%04d" % (secrets.randbelow(10000), secrets.randbelow(10000))
+        self.devices[device_code] = {"polls": 0, "slowed": False, "scope": scope or "openid",
+                                     "expires": self._now() + self.device_ttl}
+        verify = "%s/device/verify" % (self.server.url,)
+        return {"device_code": device_code, "user_code": user_code,
+                "verification_uri": verify,
+                "verification_uri_complete": verify + "?" + urlencode({"user_code": user_code}),
+                "expires_in": self.device_ttl, "interval": self.interval}
+
+    def poll_device(self, client_id, device_code):
+        self._check_client(client_id)
+        device = self.devices.get(device_code)
+        if device is None:
+            raise GrantRefused("invalid_grant", "unknown device code")
+        if self._now() >= device["expires"]:
+            del self.devices[device_code]
+            raise GrantRefused("expired_token", "the device code expired")
+        device["polls"] += 1
+        if self.slow_down and not device["slowed"]:
+            device["slowed"] = True
+            raise GrantRefused("slow_down", "poll less often")
+        if device["polls"] - device["slowed"] <= self.pending:
+            raise GrantRefused("authorization_pending", "the user has not approved yet")
+        del self.devices[device_code]
+        if not self.approve:
+            raise GrantRefused("access_denied", "the user refused")
+        return self.tokens(device["scope"])
+
+    # -- authorization code with PKCE (RFC 6749 4.1, RFC 7636) -------------------
+
+    def authorize(self, request):
+        """``(redirect URL)`` for an authorization request; GrantRefused if unusable."""
+        self._check_client(_arg(request, "client_id"))
+        redirect_uri = _arg(request, "redirect_uri") or ""
+        if not _loopback_redirect(redirect_uri):
+            raise GrantRefused("invalid_request", "redirect_uri must be a loopback http URL")
+        if _arg(request, "response_type") != "code":
+            raise GrantRefused("unsupported_response_type", "only code is supported")
+        challenge = _arg(request, "code_challenge")
+        if not challenge or _arg(request, "code_challenge_method") != "S256":
+            raise GrantRefused("invalid_request", "PKCE with S256 is required")
+        answer = {"state": _arg(request, "state")}
+        if self.approve:
+            code = secrets.token_urlsafe(32)
+            self.codes[code] = {"redirect_uri": redirect_uri, "challenge": challenge,
+                                "nonce": _arg(request, "nonce"),
+                                "scope": _arg(request, "scope") or "openid"}
+            answer["code"] = code
+        else:
+            answer.update(error="access_denied", error_description="the user refused")
+        answer = {k: v for k, v in answer.items() if v is not None}
+        separator = "&" if "?" in redirect_uri else "?"
+        return redirect_uri + separator + urlencode(answer)
+
+    def redeem_code(self, client_id, code, redirect_uri, verifier):
+        self._check_client(client_id)
+        grant = self.codes.pop(code or "", None)      # single use, even when refused
+        if grant is None:
+            raise GrantRefused("invalid_grant", "unknown or used authorization code")
+        if redirect_uri != grant["redirect_uri"]:
+            raise GrantRefused("invalid_grant", "redirect_uri differs from the authorization "
+                                                "request")
+        if not verifier or pkce_s256(verifier) != grant["challenge"]:
+            raise GrantRefused("invalid_grant", "PKCE verification failed")
+        return self.tokens(grant["scope"], grant["nonce"])
+
+    # -- refresh (RFC 6749 6) ----------------------------------------------------
+
+    def refresh(self, client_id, refresh_token):
+        self._check_client(client_id)
+        scope = self.refresh_tokens.pop(refresh_token or "", None)
+        if scope is None:
+            raise GrantRefused("invalid_grant", "refresh token unknown, used or revoked")
+        return self.tokens(scope)
+
+    # -- the token endpoint ------------------------------------------------------
+
+    def token(self, request):
+        grant_type = _arg(request, "grant_type")
+        client_id = _arg(request, "client_id")
+        try:
+            if grant_type == DEVICE_GRANT:
+                answer = self.poll_device(client_id, _arg(request, "device_code"))
+            elif grant_type == "authorization_code":
+                answer = self.redeem_code(client_id, _arg(request, "code"),
+                                          _arg(request, "redirect_uri"),
+                                          _arg(request, "code_verifier"))
+            elif grant_type == "refresh_token":
+                answer = self.refresh(client_id, _arg(request, "refresh_token"))
+            else:
+                raise GrantRefused("unsupported_grant_type", "grant %r" % (grant_type,))
+        except GrantRefused as e:
+            self.grants.append((grant_type, e.error))
+            return e.answer()
+        self.grants.append((grant_type, "ok"))
+        return 200, answer
+
+
+class DeviceAuthorizationEndpoint(Endpoint):
+    def __init__(self, server, name, flows):
+        super().__init__(server, name)
+        self.flows = flows
+
+    def answer(self, request):
+        if request.method != b"POST":
+            return 405, {"error": "invalid_request", "error_description": "POST only"}
+        try:
+            return 200, self.flows.start_device(_arg(request, "client_id"),
+                                                _arg(request, "scope"))
+        except GrantRefused as e:
+            return e.answer()
+
+
+class TokenEndpoint(DeviceAuthorizationEndpoint):
+    def answer(self, request):
+        if request.method != b"POST":
+            return 405, {"error": "invalid_request", "error_description": "POST only"}
+        return self.flows.token(request)
+
+
+class AuthorizationEndpoint(DeviceAuthorizationEndpoint):
+    """Approves (or refuses) at once and redirects to the loopback redirect URI."""
+
+    def answer(self, request):
+        try:
+            location = self.flows.authorize(request)
+        except GrantRefused as e:
+            return e.answer()
+        request.setHeader(b"location", location.encode("ascii"))
+        return 302, {"redirect": "loopback"}
 
 
 # -- command line ----------------------------------------------------------------
@@ -526,6 +784,10 @@ class Options(usage.Options):
         ["state-dir", None, None, "directory for ca.crt, keys.json and url"],
         ["listen", None, DEFAULT_LISTEN, "plain stream endpoint to serve HTTPS on"],
         ["realm", None, "realm", "first path segment of the issuer URL"],
+        ["login-client-id", None, None, "serve the login endpoints for this client id"],
+        ["login-sub", None, "alice", "subject of the user the login endpoints approve"],
+        ["login-groups", None, "dev", "comma-separated groups of that user"],
+        ["login-ttl", None, 3600, "lifetime of the ID tokens they issue, in seconds", int],
     ]
     subCommands = [["mint", None, MintOptions, "print a token signed with DIR's keys"]]
 
@@ -559,6 +821,10 @@ def mint_from_state(state_dir, options, now=None):
 async def serve(reactor, config):
     server = OIDCIssuerServer(config["state-dir"], listen=config["listen"],
                               realm=config["realm"], reactor=reactor)
+    if config["login-client-id"]:
+        groups = [g for g in config["login-groups"].split(",") if g]
+        server.enable_login(client_id=config["login-client-id"], ttl=config["login-ttl"],
+                            claims={"sub": config["login-sub"], "groups": groups})
     url = await server.start()
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     print("oidc issuer listening on %s" % (url,), flush=True)
