@@ -23,6 +23,9 @@ COMMANDS = {
     "status": ("arc.cli.connect", "list connected clusters and their health"),
     "proxy": ("arc.cli.connect", "run the client proxy in the foreground"),
     "hash-token": ("arc.cli.tokens", "print the SHA-256 the relay stores for a token"),
+    "cluster": ("arc.cli.cluster", "register clusters at the relay (add, list, remove, "
+                                   "rotate-token); run on the relay's host"),
+    "agent": ("arc.cli.agent", "print the Kubernetes manifests that run a cluster's agent"),
 }
 
 
@@ -30,16 +33,16 @@ class CommandError(Exception):
     """A failure the user can act on: one line, cause and fix."""
 
 
-def build_parser():
+def build_parser(chosen=None):
+    """The parser; only ``chosen``'s module is imported (``arc token`` must start fast)."""
     parser = argparse.ArgumentParser(prog="arc", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=text, description=text)
         sub_parser.set_defaults(_module=module)
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
+        if name != chosen:
             continue
+        mod = importlib.import_module(module)
         adder = getattr(mod, "add_arguments_" + name.replace("-", "_"), None) \
             or getattr(mod, "add_arguments", None)
         if adder is not None:
@@ -48,7 +51,9 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else None)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -66,4 +71,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy, so that the
+    # CommandError the subcommands raise is the one caught here.
+    from arc.cli import main as _cli
+    sys.exit(_cli.main())
