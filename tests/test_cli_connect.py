@@ -128,3 +128,28 @@ def _alive(pid):
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+class PortInUseTests(unittest.TestCase):
+    def test_port_in_use_is_one_clear_line(self):
+        import socket
+        base = tempfile.mkdtemp(prefix="arc-port-")
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        self.addCleanup(holder.close)
+        token = os.path.join(base, "token")
+        with open(token, "w") as f:
+            f.write("t\n")
+        env = dict(os.environ, ARC_CONFIG_DIR=os.path.join(base, "cfg"),
+                   KUBECONFIG=os.path.join(base, "kubeconfig"))
+        result = subprocess.run(
+            [sys.executable, "-m", "arc.cli.main", "connect", "demo", "--relay",
+             "https://localhost:1", "--token-file", token, "--listen",
+             "tcp:%d:interface=127.0.0.1" % holder.getsockname()[1]],
+            env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 1)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn("Address already in use", lines[0])
+        self.assertIn("--listen", lines[0])

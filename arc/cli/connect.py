@@ -257,8 +257,25 @@ def _start_daemon(paths):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60,
                             stdin=subprocess.DEVNULL)
     if result.returncode != 0:
-        raise CommandError("the client daemon did not start: %s"
-                           % ((result.stderr or result.stdout).strip().splitlines() or ["?"])[-1])
+        raise CommandError("the client daemon did not start: %s" % (_failure_line(paths, result),))
+
+
+def _failure_line(paths, result):
+    """The line that says why twistd failed: its output, else the end of its log."""
+    lines = (result.stderr or result.stdout).strip().splitlines()
+    try:
+        with open(paths.log, errors="replace") as f:
+            lines += [line.split("] ", 1)[-1] for line in f.read().splitlines()[-40:]]
+    except OSError:
+        pass
+    for line in reversed(lines):
+        if "Error" in line and ":" in line:
+            text = line.strip()
+            if "Address already in use" in text:
+                text += " (another process holds the port: give --listen " \
+                        "tcp:PORT:interface=127.0.0.1)"
+            return text
+    return lines[-1] if lines else "no output"
 
 
 def _standalone_kubeconfig(paths, status, entry):
