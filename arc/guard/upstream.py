@@ -15,6 +15,7 @@ from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
+from arc.errors import ConfigError
 from arc.tls import HTTP11, client_options
 
 GUARD = "guard"
@@ -53,9 +54,10 @@ class APIServer:
         if self.target.token_file:
             try:
                 token = self.target.bearer_token()
-            except OSError as e:
+            except (OSError, ConfigError) as e:
+                # Keep the last good token: a rotation writes a new file, never none.
                 self.log.error("cannot read the guard's token file {path}: {error}",
-                               path=self.target.token_file, error=e.strerror)
+                               path=self.target.token_file, error=str(e))
                 return
             if token:
                 self._token = token
