@@ -2,9 +2,11 @@
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
+from twisted.python import usage
 
 from arc.relay.config import load_relay_config
 from arc.relay.relay import Relay
+from arc.relay.reload import RegistryReloader
 from arc.service import ConfigOptions, bound_port, listen_service, parsed_config
 from arc.tls import server_options_from_files
 from arc.tunnel.carrier import TunnelServerFactory
@@ -12,14 +14,24 @@ from arc.tunnel.carrier import TunnelServerFactory
 
 class Options(ConfigOptions):
     synopsis = "--config relay.yaml"
-    longdesc = "Run an arc relay: accepts agent and client tunnels and pairs their streams."
+    longdesc = ("Run an arc relay: accepts agent and client tunnels and pairs their streams.  "
+                "Clusters, users and bindings are re-read when the file changes and on SIGHUP.")
+    optParameters = ConfigOptions.optParameters + [
+        ["reload-interval", None, 5.0, "seconds between checks of the configuration file for "
+                                       "changes (0: only on SIGHUP)", float]]
     loader = staticmethod(load_relay_config)
+
+    def postOptions(self):
+        if self["reload-interval"] < 0:
+            raise usage.UsageError("--reload-interval must be 0 (only on SIGHUP) or a number "
+                                   "of seconds, not %s" % (self["reload-interval"],))
+        super().postOptions()
 
 
 class RelayService(MultiService):
     log = Logger()
 
-    def __init__(self, cfg, reactor):
+    def __init__(self, cfg, reactor, reload_interval=5.0):
         super().__init__()
         self.config = cfg
         self.relay = Relay(reactor, cfg.registry, cfg.limits, cfg.authenticator)
@@ -37,6 +49,8 @@ class RelayService(MultiService):
                                       require_mask=cfg.websocket_require_mask)
         self.listener = listen_service(reactor, cfg.listen, factory, tls, file=cfg.file)
         self.listener.setServiceParent(self)
+        self.reloader = RegistryReloader(cfg.file, self.relay, reactor, interval=reload_interval)
+        self.reloader.setServiceParent(self)
 
     def stopService(self):
         self.relay.stopping()
@@ -50,4 +64,5 @@ class RelayService(MultiService):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    return RelayService(parsed_config(options, load_relay_config), reactor)
+    return RelayService(parsed_config(options, load_relay_config), reactor,
+                        reload_interval=options.get("reload-interval", 5.0))
