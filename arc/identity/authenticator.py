@@ -17,6 +17,9 @@ Configuration (section ``identity``)::
       passthrough: false           # forward other tokens unchanged
 """
 
+import base64
+import hashlib
+import json
 import re
 
 from twisted.internet.defer import fail, succeed
@@ -77,6 +80,17 @@ def bearer_from_header(value):
     return token
 
 
+def _unverified_exp(token):
+    """The ``exp`` of a token that was just verified (so its payload is sound)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp = claims.get("exp")
+        return float(exp) if isinstance(exp, (int, float)) else None
+    except (ValueError, IndexError, AttributeError):
+        return None
+
+
 class Authenticator:
     """Static tokens, OIDC issuers and passthrough, in that order.
 
@@ -85,12 +99,19 @@ class Authenticator:
     :param passthrough: forward tokens nobody here can judge (see :data:`PASSTHROUGH`).
     """
 
+    #: Verified ID tokens are remembered this long (and never past their ``exp``):
+    #: kubectl sends the same token with every request, and a signature check
+    #: costs more than the rest of the request's handling.
+    cache_seconds = 30.0
+    cache_size = 10000
+
     def __init__(self, static=None, issuers=(), passthrough=False):
         self.static = static
         self.issuers = {issuer.issuer: issuer for issuer in issuers}
         if len(self.issuers) != len(list(issuers)):
             raise ValueError("two OIDC issuers share an issuer URL")
         self.passthrough = passthrough
+        self._verified = {}   # sha256(token) -> (principal, valid until)
 
     def authenticate(self, token):
         """Deferred firing with a Principal or :data:`PASSTHROUGH`; fails with AuthError."""
@@ -104,12 +125,29 @@ class Authenticator:
         if self.issuers and looks_like_jwt(token):
             issuer = self.issuers.get(unverified_issuer(token))
             if issuer is not None:
-                return issuer.authenticate(token)
+                key = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+                now = issuer.clock.seconds()
+                hit = self._verified.get(key)
+                if hit is not None and hit[1] > now:
+                    return succeed(hit[0])
+                return issuer.authenticate(token).addCallback(self._remember, key, token, now)
         if self.passthrough:
             return succeed(PASSTHROUGH)
         return fail(AuthError("unknown_token", "the token is not one this server accepts (no "
                                                "static token matches%s); get a token with "
                                                "`arc login`" % (self._issuers_text(),)))
+
+    def _remember(self, principal, key, token, now):
+        until = now + self.cache_seconds
+        exp = _unverified_exp(token)
+        if exp is not None:
+            until = min(until, exp)
+        if len(self._verified) >= self.cache_size:
+            # Drop the oldest entries (dicts keep insertion order).
+            for old in list(self._verified)[:self.cache_size // 10 or 1]:
+                del self._verified[old]
+        self._verified[key] = (principal, until)
+        return principal
 
     def _issuers_text(self):
         if not self.issuers:
