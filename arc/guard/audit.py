@@ -42,6 +42,7 @@ _FIELDS = (
     ("status", 0), ("bytes_in", 0), ("bytes_out", 0), ("duration_ms", 0),
 )
 #: Fields written even when empty; the others are left out when empty.
+_DEFAULTS = dict(_FIELDS)
 _ALWAYS = frozenset(("time", "audit_id", "decision", "status", "bytes_in", "bytes_out",
                      "duration_ms"))
 
@@ -66,15 +67,27 @@ class AuditRecord:
     Fields are set by keyword or assigned; unknown names raise TypeError.
     """
 
-    __slots__ = tuple(name for name, _ in _FIELDS)
+    __slots__ = tuple(name for name, _ in _FIELDS) + ("_started",)
 
     def __init__(self, **values):
-        for name, default in _FIELDS:
-            setattr(self, name, values.pop(name, default))
-        if values:
-            raise TypeError("unknown audit record fields: %s" % (", ".join(sorted(values)),))
-        if not self.time:
-            self.time = rfc3339(time.time())
+        # Unset fields read their defaults through __getattr__; only what is
+        # given is stored, so the guard creates a record per request cheaply.
+        self._started = time.time()
+        unknown = [name for name in values if name not in _DEFAULTS]
+        if unknown:
+            raise TypeError("unknown audit record fields: %s" % (", ".join(sorted(unknown)),))
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def __getattr__(self, name):
+        if name == "time":
+            value = rfc3339(self._started)
+            self.time = value
+            return value
+        try:
+            return _DEFAULTS[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     def to_json(self):
         """One line of JSON (no newline): fields in a fixed order, empty ones left out."""

@@ -23,22 +23,31 @@ class HTTPError(Exception):
 class Head:
     """A parsed message head; ``headers`` keep order, case and repeats."""
 
-    __slots__ = ("start", "headers")
+    __slots__ = ("start", "headers", "_index")
 
     def __init__(self, start, headers):
         self.start = start          # (method, target, version) or (version, status, reason)
         self.headers = headers      # list of [name, value] (str, latin-1)
+        self._index = None
+
+    def _lookup(self):
+        # Built once per head: several lookups per message are the rule.
+        index = {}
+        for key, value in self.headers:
+            index.setdefault(key.lower(), []).append(value)
+        self._index = index
+        return index
+
+    def set_headers(self, headers):
+        self.headers = headers
+        self._index = None
 
     def get(self, name):
-        name = name.lower()
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        values = (self._index or self._lookup()).get(name.lower())
+        return values[0] if values else None
 
     def get_all(self, name):
-        name = name.lower()
-        return [value for key, value in self.headers if key.lower() == name]
+        return list((self._index or self._lookup()).get(name.lower(), ()))
 
     def tokens(self, name):
         out = []

@@ -323,7 +323,7 @@ class GuardProtocol(Protocol):
             headers.extend(self.guard.upstream.credential_headers())
         headers.append(["Audit-ID", self._audit_id])
         record.decision = "allow"
-        head.headers = headers
+        head.set_headers(headers)
         self._resp_state = HEAD
         self._resp_started = False
         self._send_head(mode, head.serialize())
