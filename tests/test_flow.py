@@ -79,7 +79,8 @@ class Reader(Protocol):
 
     def dataReceived(self, data):
         self.received += len(data)
-        self.data += data[:64]
+        if len(self.data) < 64:
+            self.data += data[:64]
         if not self.done.called and b"\n" in self.data:
             self.done.callback(self.data)
 
