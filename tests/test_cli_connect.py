@@ -151,5 +151,42 @@ class PortInUseTests(unittest.TestCase):
         self.assertEqual(result.returncode, 1)
         lines = result.stderr.strip().splitlines()
         self.assertEqual(len(lines), 1, result.stderr)
-        self.assertIn("Address already in use", lines[0])
+        self.assertIn("is already in use", lines[0])
         self.assertIn("--listen", lines[0])
+
+
+class TokenCommandTests(unittest.TestCase):
+    def test_output_forms(self):
+        from arc.tunnel.credentials import token_from_output
+        self.assertEqual(token_from_output("abc\n"), "abc")
+        cred = json.dumps({"apiVersion": "client.authentication.k8s.io/v1",
+                           "kind": "ExecCredential", "status": {"token": "xyz"}})
+        self.assertEqual(token_from_output(cred), "xyz")
+        for bad in ("", "two tokens", '{"status": {}}'):
+            with self.assertRaises(ValueError):
+                token_from_output(bad)
+
+
+class ConnectWithTokenCommandTests(ConnectTests):
+    """CI mode with the token from a command, for relay tunnel and kubectl alike."""
+
+    def test_two_clusters_one_daemon_ci_mode(self):
+        pass  # covered by ConnectTests
+
+    def test_not_logged_in_and_no_relay(self):
+        pass  # covered by ConnectTests
+
+    def test_token_command(self):
+        relay = "https://localhost:%d" % self.chain.files.relay_port
+        ca = os.path.join(self.chain.files.state_dir, "relay-ca.crt")
+        listen = "tcp:%d:interface=127.0.0.1" % free_port()
+        command = "cat %s" % self.chain.files.user_token_file
+        self.arc("connect", "demo", "--relay", relay, "--ca-file", ca,
+                 "--token-command", command, "--listen", listen, "--set-current")
+        out = self.kubectl("auth", "whoami", "-o", "json").stdout
+        self.assertEqual(json.loads(out)["status"]["userInfo"]["username"], demo.USER)
+        with open(os.path.join(self.env["ARC_CONFIG_DIR"], "client.yaml")) as f:
+            self.assertIn("token_command", f.read())
+        pid = self.daemon_pid()
+        self.arc("disconnect", "--all")
+        wait_for(lambda: not _alive(pid), 15, "the daemon to exit")

@@ -53,6 +53,9 @@ class AgentService(MultiService):
             extra_headers={"Arc-Cluster": cfg.cluster}, what="agent",
             ws_mask=cfg.relay.websocket_mask, proxy=cfg.relay.proxy)
         self.dialer.setServiceParent(self)
+        credential_service = getattr(cfg.relay.credential, "service", None)
+        if credential_service is not None:
+            credential_service().setServiceParent(self)
 
 
 def makeService(options, reactor=None):

@@ -12,6 +12,7 @@ the last one stops the daemon, so a CI job leaves no process behind.
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -102,6 +103,9 @@ def _credential(args):
         if not os.path.exists(path):
             raise CommandError("token file %s does not exist" % (path,))
         return {"token_file": path}, ["token", "--from-file", path]
+    if args.token_command:
+        return {"token_command": args.token_command}, ["token", "--from-command",
+                                                       args.token_command]
     if args.token_env:
         if args.token_env not in os.environ:
             raise CommandError("environment variable %s is not set (it must hold the token)"
@@ -125,6 +129,8 @@ def add_arguments_connect(parser):
     group.add_argument("--token-file", help="read the user token from this file (CI)")
     group.add_argument("--token-env", help="read the user token from this environment "
                                            "variable (CI)")
+    group.add_argument("--token-command", help="run this command for the user token (CI); "
+                                               "it prints the token or an ExecCredential")
     group.add_argument("--profile", default="default", help="login profile (arc login)")
     parser.add_argument("--kube-token-file", help="a different token for kubectl to present "
                                                   "to the cluster (passthrough setups)")
@@ -153,7 +159,7 @@ def run_connect(args):
     if args.transport:
         relay["transport"] = args.transport
     keys, token_args = _credential(args)
-    for key in ("token_file", "token_env", "token_cache"):
+    for key in ("token_file", "token_env", "token_cache", "token_command"):
         relay.pop(key, None)
     relay.update(keys)
     printing = args.kubeconfig == "-"
@@ -268,13 +274,15 @@ def _failure_line(paths, result):
             lines += [line.split("] ", 1)[-1] for line in f.read().splitlines()[-40:]]
     except OSError:
         pass
+    text = "\n".join(lines)
+    if "Errno 98" in text or "already in use" in text:
+        where = re.search(r"listen on ([^\s:]+:\d+)", text)
+        return ("the local port %sis already in use: another process holds it (give --listen "
+                "tcp:PORT:interface=127.0.0.1 on the first connect)"
+                % (where.group(1) + " " if where else ""))
     for line in reversed(lines):
         if "Error" in line and ":" in line:
-            text = line.strip()
-            if "Address already in use" in text:
-                text += " (another process holds the port: give --listen " \
-                        "tcp:PORT:interface=127.0.0.1)"
-            return text
+            return line.strip()
     return lines[-1] if lines else "no output"
 
 

@@ -69,6 +69,9 @@ class ProxyService(MultiService):
             transport=cfg.relay.transport, what="user", ws_mask=cfg.relay.websocket_mask,
             proxy=cfg.relay.proxy)
         self.dialer.setServiceParent(self)
+        credential_service = getattr(cfg.relay.credential, "service", None)
+        if credential_service is not None:
+            credential_service().setServiceParent(self)
         self.kubeconfig_path = cfg.kubeconfig or default_kubeconfig_path()
         self.ready = defer.Deferred()
         self.port = None

@@ -65,6 +65,13 @@ def parse_relay_link(node):
             raise section.error("ca_file", "%s holds no PEM certificate" % (ca_path,))
     if section.has("token_cache"):
         credential = _cached_token(section)
+    elif section.has("token_command"):
+        from arc.tunnel.credentials import CommandToken
+        command = section.get("token_command", str)
+        if not command.strip():
+            raise section.error("token_command", "must name a command that prints the token")
+        credential = CommandToken(command, section.positive("token_command_interval", float,
+                                                            60.0))
     else:
         credential = section.secret("token")
     link = RelayLink(
