@@ -2,18 +2,25 @@
 """Compare arc with a direct connection and with ``ssh -R``, all on loopback.
 
 One run starts an nginx backend over TLS (a stand-in for kube-apiserver),
-reaches it three or four ways, and measures the same workloads through each:
+reaches it several ways, and measures the same workloads through each:
 
-    direct   https://127.0.0.1:NGINX_PORT
-    ssh-R    sshd + ``ssh -N -R`` forwarding a loopback port to nginx (TLS end to end)
-    arc      arc-client -> arc-relay -> arc-agent -> nginx  (tunnel transport)
-    arc-ws   the same with the websocket transport
+    direct      https://127.0.0.1:NGINX_PORT
+    ssh-R       sshd + ``ssh -N -R`` forwarding a loopback port to nginx (TLS end to end)
+    arc-splice  arc-client -> arc-relay -> arc-agent -> nginx, the agent's guard disabled
+                (``guard: {enabled: false}``: raw byte splice, no HTTP parsing)
+    arc         the same with the default agent configuration: the guard parses every
+                request and passes the caller's token through
+    arc-static  the guard impersonating: it checks a static bearer token, then sends its
+                own token (from the upstream kubeconfig) with Impersonate-* headers
+    arc-oidc    the same with an OIDC ID token checked against a local issuer
+    arc-ws      ``arc`` with the websocket transport
 
 Workloads: small GETs (wrk, 1 and 64 connections), a bulk download (curl),
 and the CPU time spent by the processes on each path.  Prints a table of
-medians and writes every sample to a JSON file.
+medians and what the guard costs per request (against arc-splice), and
+writes every sample to a JSON file and the tables to a Markdown file.
 
-    python bench/run.py [--quick] [--repeat N] [--duration S] [--out FILE]
+    python bench/run.py [--quick] [--repeat N] [--duration S] [--targets LIST] [--out FILE]
 
 See bench/README.md for what the figures mean.
 """
@@ -21,11 +28,13 @@ See bench/README.md for what the figures mean.
 import argparse
 import base64
 import datetime
+import hashlib
 import json
 import os
 import platform
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -49,7 +58,11 @@ from arc import demo, pki  # noqa: E402
 
 PODS_PATH = "/api/v1/namespaces/default/pods"
 BULK_PATH = "/bulk"
-API_TOKEN = "bench-token-not-checked-by-nginx"
+IDENTITY_PATH = "/bench/identity"  # nginx answers with the identity headers it received
+API_TOKEN = "bench-token-not-checked-by-nginx"   # what callers send when no guard checks it
+GUARD_TOKEN = "bench-guard-token-not-checked-by-nginx"  # the guard's own credential (impersonation)
+BENCH_USER = "bench"    # the user arc-static and arc-oidc callers authenticate as
+OIDC_CLIENT_ID = "arc"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # command -> Debian package that provides it
@@ -65,9 +78,25 @@ TOOLS = [
 TARGET_TITLES = {
     "direct": "direct",
     "ssh": "ssh -R",
+    "arc-splice": "arc-splice",
     "arc": "arc",
+    "arc-static": "arc-static",
+    "arc-oidc": "arc-oidc",
     "arc-ws": "arc-ws",
 }
+
+# arc targets: name -> (transport, guard mode).  Guard modes: "splice" (guard disabled),
+# "passthrough" (no guard: section, the default), "static" and "oidc" (impersonation).
+ARC_TARGETS = {
+    "arc-splice": ("tunnel", "splice"),
+    "arc": ("tunnel", "passthrough"),
+    "arc-static": ("tunnel", "static"),
+    "arc-oidc": ("tunnel", "oidc"),
+    "arc-ws": ("websocket", "passthrough"),
+}
+# what each guard-on target is compared with to get the guard's cost
+GUARD_BASELINE = "arc-splice"
+GUARD_COMPARED = ("arc", "arc-static", "arc-oidc")
 
 
 class BenchError(Exception):
@@ -141,6 +170,7 @@ def tool_versions(tools):
         "wrk": first_line([tools["wrk"], "-v"]),
         "curl": first_line([tools["curl"], "--version"]),
         "arc": getattr(arc, "__version__", "?"),
+        "arc_path": os.path.dirname(os.path.dirname(os.path.abspath(arc.__file__))),
     }
 
 
@@ -150,6 +180,26 @@ def loadavg():
             return " ".join(f.read().split()[:3])
     except OSError:
         return "?"
+
+
+def repo_commit():
+    """The short commit of this checkout; "+changes" when arc is imported from this checkout
+    and its own files differ from that commit."""
+    def git(*args):
+        try:
+            r = subprocess.run(["git", "-C", REPO] + list(args), stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "?"
+    arc_root = os.path.dirname(os.path.dirname(os.path.abspath(arc.__file__)))
+    if os.path.realpath(arc_root) != os.path.realpath(REPO):
+        return head  # arc is an installed copy: the checkout's local edits do not apply
+    changed = git("status", "--porcelain", "--", "arc", "twisted", ":!arc/testing")
+    return head + ("+changes" if changed else "")
 
 
 def machine_info():
@@ -164,6 +214,7 @@ def machine_info():
         pass
     return {
         "loadavg": loadavg(),
+        "commit": repo_commit(),
         "nproc": os.cpu_count(),
         "cpu": model,
         "kernel": platform.release(),
@@ -351,6 +402,20 @@ def curl_status(tools, url, extra=(), timeout=5):
     return r.stdout.strip() or r.stderr.strip()
 
 
+def curl_body(tools, url, extra=(), timeout=5):
+    """(status, body) of one GET, or (error text, None)."""
+    cmd = [tools["curl"], "-sS", "-k", "--max-time", str(timeout), "-w", "\n%{http_code}"]
+    try:
+        r = subprocess.run(cmd + list(extra) + [url], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=timeout + 5)
+    except subprocess.TimeoutExpired:
+        return "timeout", None
+    if r.returncode != 0:
+        return r.stderr.strip() or "curl exit %d" % r.returncode, None
+    body, _, status = r.stdout.rpartition("\n")
+    return status, body
+
+
 def wait_http(tools, url, timeout, what, extra=(), procs=None, names=()):
     deadline = time.monotonic() + timeout
     last = None
@@ -415,6 +480,10 @@ http {{
         root {prefix}/www;
         location = {pods} {{ default_type application/json; }}
         location = {bulk} {{ default_type application/octet-stream; }}
+        location = {identity} {{
+            default_type text/plain;
+            return 200 "$http_authorization|$http_impersonate_user|$http_impersonate_group";
+        }}
         location / {{ return 404; }}
     }}
 }}
@@ -439,7 +508,8 @@ def start_nginx(tools, procs, base, port, ca, ca_key, bulk_bytes):
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w") as f:
         f.write(NGINX_CONF.format(user="user root;\n" if os.geteuid() == 0 else "",
-                                  prefix=prefix, port=port, pods=PODS_PATH, bulk=BULK_PATH))
+                                  prefix=prefix, port=port, pods=PODS_PATH, bulk=BULK_PATH,
+                                  identity=IDENTITY_PATH))
     r = subprocess.run([tools["nginx"], "-t", "-p", prefix, "-c", conf, "-e",
                         os.path.join(prefix, "error.log")],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30)
@@ -547,19 +617,88 @@ def write_nginx_kubeconfig(path, nginx_url, ca_pem, token):
     pki.write_private(path, yaml.safe_dump(doc, sort_keys=False).encode())
 
 
-def start_arc(tools, procs, base, name, transport, nginx_url, ca_pem, child_env):
+def start_oidc_issuer(procs, base, child_env):
+    """A local OIDC issuer (arc.testing.oidc) in its own process, and one token it minted.
+
+    The token is for BENCH_USER, audience OIDC_CLIENT_ID, valid for 10 hours.
+    """
+    d = os.path.join(base, "oidc")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    cmd = [sys.executable, "-m", "arc.testing.oidc", "--state-dir", d]
+    p = procs.start("oidc-issuer", cmd, env=child_env)
+    url_file = os.path.join(d, "url")
+    deadline = time.monotonic() + 30
+    url = None
+    while time.monotonic() < deadline:
+        procs.check(("oidc-issuer",))
+        try:
+            with open(url_file) as f:
+                url = f.read().strip()
+        except OSError:
+            pass
+        if url:
+            break
+        time.sleep(0.1)
+    if not url:
+        raise BenchError("the OIDC issuer wrote no %s within 30 s; last lines of its log:\n%s"
+                         % (url_file, tail(os.path.join(procs.logdir, "oidc-issuer.log"))))
+    r = subprocess.run(cmd + ["mint", "--sub", BENCH_USER, "--groups", BENCH_USER,
+                              "--aud", OIDC_CLIENT_ID, "--ttl", "36000"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60,
+                       env=child_env)
+    token = r.stdout.strip()
+    if r.returncode != 0 or token.count(".") != 2:
+        raise BenchError("minting an OIDC token failed (exit %s):\n%s"
+                         % (r.returncode, (r.stderr or r.stdout)[-2000:]))
+    return {"url": url, "ca_file": os.path.join(d, "ca.crt"), "token": token, "pid": p.pid,
+            "log": os.path.join(procs.logdir, "oidc-issuer.log")}
+
+
+def guard_setup(mode, base, nginx_url, ca_pem, issuer=None):
+    """(guard section for demo.prepare, upstream kubeconfig, token callers send) for ``mode``."""
+    if mode in ("splice", "passthrough"):
+        upstream = os.path.join(base, "nginx-kubeconfig")
+        if not os.path.exists(upstream):
+            write_nginx_kubeconfig(upstream, nginx_url, ca_pem, API_TOKEN)
+        guard = {"enabled": False} if mode == "splice" else None  # None: no guard: section
+        return guard, upstream, API_TOKEN
+    # Impersonation: the guard authenticates the caller's token, then sends its own
+    # credential (the upstream kubeconfig's user token) with Impersonate-* headers.
+    upstream = os.path.join(base, "nginx-kubeconfig-guard")
+    if not os.path.exists(upstream):
+        write_nginx_kubeconfig(upstream, nginx_url, ca_pem, GUARD_TOKEN)
+    if mode == "static":
+        token = secrets.token_urlsafe(32)
+        identity = {"static": {BENCH_USER: {
+            "token_sha256": hashlib.sha256(token.encode("utf-8")).hexdigest(),
+            "groups": [BENCH_USER]}}}
+    elif mode == "oidc":
+        token = issuer["token"]
+        identity = {"oidc": [{"issuer": issuer["url"], "client_id": OIDC_CLIENT_ID,
+                              "ca_file": issuer["ca_file"]}]}
+    else:
+        raise ValueError(mode)
+    return {"identity": identity}, upstream, token
+
+
+def start_arc(tools, procs, base, name, transport, guard_mode, nginx_url, ca_pem, child_env,
+              issuer=None):
     state = os.path.join(base, name)
     os.makedirs(state, mode=0o700, exist_ok=True)
-    upstream = os.path.join(base, "nginx-kubeconfig")
-    if not os.path.exists(upstream):
-        write_nginx_kubeconfig(upstream, nginx_url, ca_pem, API_TOKEN)
+    guard, upstream, caller_token = guard_setup(guard_mode, base, nginx_url, ca_pem, issuer)
     token_file = os.path.join(base, "api.token")
     if not os.path.exists(token_file):
         pki.write_private(token_file, API_TOKEN.encode() + b"\n")
     relay_port, client_port, dedicated_port = free_ports(3)
     files = demo.prepare(state, relay_port=relay_port, client_port=client_port,
                          upstream_kubeconfig=upstream, api_token_file=token_file,
-                         transport=transport)
+                         transport=transport, guard=guard)
+    with open(files.agent_config) as f:
+        agent_guard = (yaml.safe_load(f) or {}).get("guard")
+    if guard_mode == "passthrough" and agent_guard is not None:
+        raise BenchError("%s: expected no guard: section in %s (the default), found %r"
+                         % (name, files.agent_config, agent_guard))
+    audit_file = (agent_guard or {}).get("audit", {}).get("destination")
     # wrk cannot choose its TLS server name apart from the URL host: give the cluster its
     # own listener (a port dedicated to one cluster needs no SNI).
     with open(files.client_config) as f:
@@ -582,6 +721,10 @@ def start_arc(tools, procs, base, name, transport, nginx_url, ca_pem, child_env)
         if part == "relay":
             wait_port(relay_port, 30, pname, procs, (pname,))
     names = tuple("%s-%s" % (name, p) for p in parts)
+    logs = [os.path.join(procs.logdir, n + ".log") for n in names]
+    if guard_mode == "oidc":
+        names += ("oidc-issuer",)
+        logs.append(issuer["log"])
 
     # The client writes a kubeconfig for kubectl; check what it wrote and use its server name.
     deadline = time.monotonic() + 30
@@ -602,17 +745,39 @@ def start_arc(tools, procs, base, name, transport, nginx_url, ca_pem, child_env)
     if not server_name:
         raise BenchError("%s: the client wrote no kubeconfig entry with tls-server-name "
                          "to %s within 30 s" % (name, files.kubeconfig))
+    auth = ["-H", "Authorization: Bearer " + caller_token]
     sni_args = ["--connect-to", "%s:443:127.0.0.1:%d" % (server_name, client_port)]
     sni_url = "https://%s" % server_name
     wait_http(tools, sni_url + PODS_PATH, 30, "%s chain (by SNI %s)" % (name, server_name),
-              extra=sni_args, procs=procs, names=names)
+              extra=sni_args + auth, procs=procs, names=names)
     url = "https://127.0.0.1:%d" % dedicated_port
     wait_http(tools, url + PODS_PATH, 15, "%s chain (dedicated port)" % name,
-              procs=procs, names=names)
+              extra=auth, procs=procs, names=names)
+    # What reaches nginx must be what the mode promises: the caller's token unchanged
+    # (splice, passthrough), or the guard's own token with Impersonate-* headers.
+    status, body = curl_body(tools, url + IDENTITY_PATH, auth)
+    if guard_mode == "static":
+        expected = "Bearer %s|%s|%s" % (GUARD_TOKEN, BENCH_USER, BENCH_USER)
+    elif guard_mode == "oidc":
+        # without username_prefix an OIDC user is ISSUER#sub, as in Kubernetes
+        expected = "Bearer %s|%s#%s|%s" % (GUARD_TOKEN, issuer["url"], BENCH_USER, BENCH_USER)
+    else:
+        expected = "Bearer %s||" % caller_token
+    if status != "200" or body != expected:
+        raise BenchError("%s: nginx received the identity headers %r (status %s), expected %r"
+                         % (name, body, status, expected))
+    if guard_mode in ("static", "oidc"):
+        # The guard must refuse a caller without a valid token, or it is not checking.
+        status = curl_status(tools, url + PODS_PATH,
+                             ["-H", "Authorization: Bearer not-a-valid-token"])
+        if status != "401":
+            raise BenchError("%s: the guard answered %s, not 401, to an invalid token"
+                             % (name, status))
     return {"url": url, "sni_url": sni_url, "sni_args": sni_args, "server_name": server_name,
-            "names": names, "roots": [p.pid for p in parts.values()],
-            "logs": [os.path.join(procs.logdir, n + ".log") for n in names],
-            "transport": transport}
+            "names": names, "roots": [p.pid for p in parts.values()], "logs": logs,
+            "agent_log": os.path.join(procs.logdir, name + "-agent.log"),
+            "audit_file": audit_file, "transport": transport, "guard": guard_mode,
+            "token": caller_token}
 
 
 # --------------------------------------------------------------------------- workloads
@@ -624,7 +789,7 @@ def _ms(text):
     m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
     if not m:
         raise ValueError(text)
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    return round(float(m.group(1)) * _UNITS[m.group(2)], 6)
 
 
 def parse_wrk(out):
@@ -643,9 +808,9 @@ def parse_wrk(out):
     return res
 
 
-def run_wrk(tools, url, threads, conns, duration, timeout_s):
+def run_wrk(tools, url, threads, conns, duration, timeout_s, token=API_TOKEN):
     cmd = [tools["wrk"], "-t%d" % threads, "-c%d" % conns, "-d%ds" % duration, "--latency",
-           "--timeout", "%ds" % timeout_s, "-H", "Authorization: Bearer " + API_TOKEN,
+           "--timeout", "%ds" % timeout_s, "-H", "Authorization: Bearer " + token,
            url + PODS_PATH]
     try:
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -660,10 +825,10 @@ def run_wrk(tools, url, threads, conns, duration, timeout_s):
     return res
 
 
-def run_curl_bulk(tools, url, extra, expected, max_time):
+def run_curl_bulk(tools, url, extra, expected, max_time, token=API_TOKEN):
     cmd = [tools["curl"], "-sS", "-k", "-o", "/dev/null", "--max-time", str(max_time),
            "--speed-limit", "1024", "--speed-time", "20",
-           "-H", "Authorization: Bearer " + API_TOKEN,
+           "-H", "Authorization: Bearer " + token,
            "-w", "%{http_code} %{size_download} %{speed_download} %{time_total}"]
     cmd += list(extra) + [url + BULK_PATH]
     try:
@@ -713,12 +878,12 @@ def workloads(opts):
     d = opts.duration
     return [
         ("small_c1", "small GET, 1 connection (wrk -t1 -c1)",
-         lambda t, tools: run_wrk(tools, t["url"], 1, 1, d, opts.wrk_timeout)),
+         lambda t, tools: run_wrk(tools, t["url"], 1, 1, d, opts.wrk_timeout, t["token"])),
         ("small_c64", "small GET, 64 connections (wrk -t2 -c64)",
-         lambda t, tools: run_wrk(tools, t["url"], 2, 64, d, opts.wrk_timeout)),
+         lambda t, tools: run_wrk(tools, t["url"], 2, 64, d, opts.wrk_timeout, t["token"])),
         ("bulk", "bulk %d MiB (curl)" % opts.bulk_mib,
          lambda t, tools: run_curl_bulk(tools, t.get("sni_url", t["url"]), t.get("sni_args", ()),
-                                        opts.bulk_mib << 20, opts.bulk_max_time)),
+                                        opts.bulk_mib << 20, opts.bulk_max_time, t["token"])),
     ]
 
 
@@ -799,32 +964,95 @@ def ratio(a, b):
     return a / b
 
 
-def render_table(summary, names, flagged):
-    ratio_cols = [n for n in names if n.startswith("arc") and "ssh" in names]
+def _cell(fmt, v):
+    return "n/a" if v is None else fmt.format(v)
+
+
+def figures_rows(summary, names, flagged):
+    """Header and rows of the table of medians: one column per target."""
     header = ["metric (median)"] + [TARGET_TITLES.get(n, n) for n in names]
-    header += ["%s/ssh-R" % n for n in ratio_cols]
     rows = []
     for label, key, field, fmt in METRICS:
         row = [label]
         for n in names:
             v = summary.get(n, {}).get(key, {}).get(field)
-            if n == "direct" and field.startswith("cpu"):
-                cell = "—"
-            elif v is None:
-                cell = "n/a"
-            else:
-                cell = fmt.format(v)
+            cell = "—" if n == "direct" and field.startswith("cpu") else _cell(fmt, v)
             if (n, key) in flagged:
                 cell += " !"
             row.append(cell)
-        for n in ratio_cols:
-            if field == "delayed_acks":  # a diagnostic count, not a cost: no ratio
-                row.append("")
-                continue
+        rows.append(row)
+    return header, rows
+
+
+def ratio_rows(summary, names):
+    """Header and rows of arc's figures divided by ssh -R's (None when there is no ssh)."""
+    cols = [n for n in names if n.startswith("arc")]
+    if "ssh" not in names or not cols:
+        return None
+    header = ["ratio vs ssh -R (median)"] + ["%s/ssh-R" % n for n in cols]
+    rows = []
+    for label, key, field, fmt in METRICS:
+        if field == "delayed_acks":  # a diagnostic count, not a cost: no ratio
+            continue
+        row = [label]
+        for n in cols:
             r = ratio(summary.get(n, {}).get(key, {}).get(field),
                       summary.get("ssh", {}).get(key, {}).get(field))
             row.append("n/a" if r is None else "%.2f×" % r)
         rows.append(row)
+    return header, rows
+
+
+GUARD_ROWS = [
+    # (label, workload, field, kind, format): kind "diff" = target − baseline,
+    # "ratio" = target / baseline.  The p50 difference is the difference of the added p50s.
+    ("c=1   CPU µs/request (path)", "small_c1", "cpu_us_per_req", "diff", "{:+.0f}"),
+    ("c=1   added p50 ms", "small_c1", "p50_ms", "diff", "{:+.3f}"),
+    ("c=1   requests/s", "small_c1", "rps", "ratio", "{:.2f}×"),
+    ("c=64  CPU µs/request (path)", "small_c64", "cpu_us_per_req", "diff", "{:+.0f}"),
+    ("c=64  added p50 ms", "small_c64", "p50_ms", "diff", "{:+.3f}"),
+    ("c=64  requests/s", "small_c64", "rps", "ratio", "{:.2f}×"),
+    ("bulk  MB/s", "bulk", "mbps", "ratio", "{:.2f}×"),
+    ("bulk  CPU s/GB (path)", "bulk", "cpu_s_per_gb", "diff", "{:+.2f}"),
+]
+
+
+def guard_cost(summary, names):
+    """{target: {row label: value}}: what the guard adds to arc-splice (differences of medians)."""
+    base = summary.get(GUARD_BASELINE) if GUARD_BASELINE in names else None
+    if not base:
+        return {}
+    out = {}
+    for n in GUARD_COMPARED:
+        if n not in names:
+            continue
+        values = {}
+        for label, key, field, kind, _ in GUARD_ROWS:
+            a = summary.get(n, {}).get(key, {}).get(field)
+            b = base.get(key, {}).get(field)
+            if a is None or b is None:
+                values[label] = None
+            elif kind == "diff":
+                values[label] = a - b
+            else:
+                values[label] = ratio(a, b)
+        out[n] = values
+    return out
+
+
+def guard_rows(cost):
+    if not cost:
+        return None
+    cols = list(cost)
+    header = ["guard cost (median − %s)" % GUARD_BASELINE] + cols
+    rows = []
+    for label, _, _, kind, fmt in GUARD_ROWS:
+        rows.append([label + (" (ratio)" if kind == "ratio" else "")]
+                    + [_cell(fmt, cost[n].get(label)) for n in cols])
+    return header, rows
+
+
+def render_table(header, rows):
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = []
     fmt_row = lambda r: "  ".join(  # noqa: E731
@@ -836,6 +1064,43 @@ def render_table(summary, names, flagged):
             lines.append("")
         lines.append(fmt_row(r))
     return "\n".join(lines)
+
+
+def render_markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join([" ".join(r[0].split())] + r[1:]) + " |")
+    return "\n".join(lines)
+
+
+def audit_counts(target):
+    """{records, allow, status_200} written by the agent's guard during the whole run.
+
+    The default configuration (arc, arc-ws) writes audit lines to the agent's stdout,
+    i.e. into its log; the others write to the audit file demo.prepare() configures.
+    """
+    if target.get("guard") is None:
+        return None
+    path = target.get("audit_file") or target.get("agent_log")
+    counts = {"records": 0, "allow": 0, "status_200": 0, "file": path}
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.startswith(b"{"):
+                    continue  # a log line of the agent's
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(record, dict) or "audit_id" not in record:
+                    continue
+                counts["records"] += 1
+                counts["allow"] += record.get("decision") == "allow"
+                counts["status_200"] += record.get("status") == 200
+    except OSError:
+        return counts
+    return counts
 
 
 def arc_log_findings(paths):
@@ -869,9 +1134,10 @@ def parse_args(argv):
                    help="give up a bulk download after this many seconds (default 300)")
     p.add_argument("--wrk-timeout", type=int, default=5,
                    help="wrk's per-request timeout in seconds (default 5)")
-    p.add_argument("--targets", default="direct,ssh,arc,arc-ws",
-                   help="comma-separated subset of direct,ssh,arc,arc-ws")
-    p.add_argument("--out", help="JSON results file (default .bench/results-DATE.json)")
+    p.add_argument("--targets", default=",".join(TARGET_TITLES),
+                   help="comma-separated subset of %s (default: all)" % ",".join(TARGET_TITLES))
+    p.add_argument("--out", help="JSON results file (default .bench/results-DATE.json); the "
+                                 "tables also go to the same name ending in .md")
     p.add_argument("--no-install", action="store_true",
                    help="never run apt-get; fail if a tool is missing")
     p.add_argument("--keep", action="store_true",
@@ -927,18 +1193,26 @@ def main(argv=None):
                                        opts.bulk_mib << 20)
         targets = {}
         if "direct" in opts.targets:
-            targets["direct"] = {"url": nginx_url, "roots": [], "names": ("nginx",)}
+            targets["direct"] = {"url": nginx_url, "roots": [], "names": ("nginx",),
+                                 "token": API_TOKEN}
         if "ssh" in opts.targets:
             log("starting sshd on 127.0.0.1:%d and ssh -R 127.0.0.1:%d" % (sshd_port, fwd_port))
             s = start_ssh(tools, procs, base, nginx_port, sshd_port, fwd_port)
             notes += s["notes"]
             targets["ssh"] = {"url": s["url"], "roots": s["roots"], "cipher": s["cipher"],
-                              "names": ("ssh", "sshd", "nginx")}
+                              "names": ("ssh", "sshd", "nginx"), "token": API_TOKEN}
         env = child_environment()
-        for name, transport in (("arc", "tunnel"), ("arc-ws", "websocket")):
+        issuer = None
+        if "arc-oidc" in opts.targets:
+            log("starting a local OIDC issuer (python -m arc.testing.oidc)")
+            issuer = start_oidc_issuer(procs, base, env)
+            log("OIDC issuer %s; minted a token for %s" % (issuer["url"], BENCH_USER))
+        for name, (transport, guard_mode) in ARC_TARGETS.items():
             if name in opts.targets:
-                log("starting %s (relay, agent, client; transport %s)" % (name, transport))
-                a = start_arc(tools, procs, base, name, transport, nginx_url, ca, env)
+                log("starting %s (relay, agent, client; transport %s, guard %s)"
+                    % (name, transport, guard_mode))
+                a = start_arc(tools, procs, base, name, transport, guard_mode, nginx_url, ca,
+                              env, issuer)
                 a["names"] += ("nginx",)
                 targets[name] = a
         for t in targets.values():
@@ -953,7 +1227,7 @@ def main(argv=None):
 
         log("warming up every path (1 s of wrk each)")
         for n in names:
-            run_wrk(tools, targets[n]["url"], 1, 4, 1, opts.wrk_timeout)
+            run_wrk(tools, targets[n]["url"], 1, 4, 1, opts.wrk_timeout, targets[n]["token"])
 
         samples = {n: {} for n in names}
         flagged = set()
@@ -979,7 +1253,7 @@ def main(argv=None):
                     if problem:
                         flagged.add((n, key))
                         problems.append("%s / %s / run %d: %s" % (n, key, rep + 1, problem))
-                    log("%-7s %-10s run %d/%d: %s"
+                    log("%-10s %-9s run %d/%d: %s"
                         % (n, key, rep + 1, opts.repeat, brief(key, res)))
             for n in names:
                 t = targets[n]
@@ -988,49 +1262,86 @@ def main(argv=None):
 
         summary = {n: medians(samples[n]) for n in names}
         add_latency_deltas(summary)
+        cost = guard_cost(summary, names)
         arc_logs = [p for n in names for p in targets[n].get("logs", ())]
         findings = arc_log_findings(arc_logs)
+        audits = {}
+        for n in names:
+            counts = audit_counts(targets[n])
+            if counts is None:
+                continue
+            audits[n] = counts
+            served = sum(r.get("requests", 0) for k in ("small_c1", "small_c64")
+                         for r in samples[n].get(k, ()))
+            served += sum(1 for r in samples[n].get("bulk", ()) if r.get("code") == "200")
+            counts["requests_measured"] = served
+            if targets[n]["guard"] == "splice":
+                if counts["records"]:
+                    problems.append("%s: the guard is disabled but wrote %d audit records"
+                                    % (n, counts["records"]))
+            elif counts["allow"] < served:
+                problems.append("%s: %d requests were served but the guard's audit has only %d "
+                                "allowed records (%s)" % (n, served, counts["allow"],
+                                                          counts["file"]))
 
         # ---- report
-        print()
-        print("arc benchmark — %s" % info["date"])
         info["loadavg_end"] = loadavg()
-        print("machine: nproc=%s  cpu=%s  kernel=%s  python=%s  load avg start %s / end %s" % (
-            info["nproc"], info["cpu"], info["kernel"], info["python"], info["loadavg"],
-            info["loadavg_end"]))
-        print("tools:   %s | %s | %s | %s | arc %s" % (
-            versions["nginx"], versions["ssh"], versions["wrk"].split(" [")[0],
-            " ".join(versions["curl"].split()[:2]), versions["arc"]))
-        print("runs:    %d per figure (medians), wrk %d s per run, bulk %d MiB; nginx TLS on "
-              "127.0.0.1, 1 worker, HTTP/1.1 keep-alive" % (opts.repeat, opts.duration,
-                                                           opts.bulk_mib))
+        head = [
+            "arc benchmark — %s, commit %s" % (info["date"], info["commit"]),
+            "machine: nproc=%s  cpu=%s  kernel=%s  python=%s  load avg start %s / end %s" % (
+                info["nproc"], info["cpu"], info["kernel"], info["python"], info["loadavg"],
+                info["loadavg_end"]),
+            "tools:   %s | %s | %s | %s | arc %s (%s)" % (
+                versions["nginx"], versions["ssh"], versions["wrk"].split(" [")[0],
+                " ".join(versions["curl"].split()[:2]), versions["arc"], versions["arc_path"]),
+            "runs:    %d per figure (medians), wrk %d s per run, bulk %d MiB; nginx TLS on "
+            "127.0.0.1, 1 worker, HTTP/1.1 keep-alive" % (opts.repeat, opts.duration,
+                                                         opts.bulk_mib),
+        ]
         if "ssh" in targets:
-            print("ssh -R:  default cipher negotiated: %s" % targets["ssh"]["cipher"])
-        print()
-        print(render_table(summary, names, flagged))
-        print()
-        print("CPU (path) = user+system CPU of the processes between the client tool and nginx:")
-        print("  ssh -R: ssh + sshd (with its per-connection children); arc: client + relay + "
-              "agent; direct: none.")
-        print("ratios: arc figure / ssh -R figure (for added p50: arc's added latency / ssh's).")
-        print("TCP delayed ACKs: host-wide count during one run (median); many of them with a "
-              "p99 near 40 ms point to Nagle/delayed-ACK stalls.")
+            head.append("ssh -R:  default cipher negotiated: %s" % targets["ssh"]["cipher"])
+        tables = [figures_rows(summary, names, flagged), ratio_rows(summary, names),
+                  guard_rows(cost)]
+        tables = [t for t in tables if t]
+        legend = [
+            "CPU (path) = user+system CPU of the processes between the client tool and nginx: "
+            "ssh -R: ssh + sshd (with its per-connection children); arc: client + relay + agent; "
+            "direct: none.",
+            "ratios: arc figure / ssh -R figure (for added p50: arc's added latency / ssh's).",
+            "guard cost: a guard-on target's median minus (or, for rates, divided by) "
+            "arc-splice's, where the agent splices bytes without parsing HTTP.",
+            "TCP delayed ACKs: host-wide count during one run (median); many of them with a "
+            "p99 near 40 ms point to Nagle/delayed-ACK stalls.",
+        ]
         if any(t.get("peak_rss_mib") for t in targets.values()):
-            print("peak RSS of the path processes (MiB, after all workloads): " + ", ".join(
+            legend.append("peak RSS of the path processes (MiB, after all workloads): " + ", ".join(
                 "%s %.0f" % (TARGET_TITLES[n], max(targets[n]["peak_rss_mib"].values()))
                 for n in names if targets[n].get("peak_rss_mib")))
+        if audits:
+            legend.append("guard audit records (whole run, incl. warm-up and probes; allowed; "
+                          "status 200) vs requests measured: " + "; ".join(
+                              "%s %d/%d/%d vs %d" % (n, c["records"], c["allow"],
+                                                     c["status_200"], c["requests_measured"])
+                              for n, c in audits.items()))
+        tail_lines = []
         if problems:
-            print()
-            print("PROBLEMS (cells marked !):")
-            for p in problems:
-                print("  " + p)
+            tail_lines.append("PROBLEMS (cells marked !):")
+            tail_lines += ["  " + p for p in problems]
         if findings:
+            tail_lines.append("arc logs: %d warning/error line(s):" % len(findings))
+            tail_lines += ["  " + line for line in findings[:20]]
+        tail_lines += ["note: " + note for note in notes]
+
+        print()
+        print("\n".join(head))
+        for header, rows in tables:
             print()
-            print("arc logs: %d warning/error line(s):" % len(findings))
-            for line in findings[:20]:
-                print("  " + line)
-        for note in notes:
-            print("note: " + note)
+            print(render_table(header, rows))
+        print()
+        print("\n".join(legend))
+        if tail_lines:
+            print()
+            print("\n".join(tail_lines))
 
         result = {
             "machine": info, "versions": versions,
@@ -1039,8 +1350,10 @@ def main(argv=None):
             "targets": {n: {"url": targets[n]["url"],
                             "cipher": targets[n].get("cipher"),
                             "transport": targets[n].get("transport"),
+                            "guard": targets[n].get("guard"),
                             "peak_rss_mib": targets[n].get("peak_rss_mib")} for n in names},
-            "medians": summary, "samples": samples, "problems": problems,
+            "medians": summary, "guard_cost_vs_splice": cost, "audit": audits,
+            "samples": samples, "problems": problems,
             "arc_log_findings": findings, "notes": notes,
         }
         out = opts.out or os.path.join(
@@ -1049,8 +1362,14 @@ def main(argv=None):
         with open(out, "w") as f:
             json.dump(result, f, indent=1, ensure_ascii=False)
             f.write("\n")
+        md = os.path.splitext(out)[0] + ".md"
+        with open(md, "w") as f:
+            f.write("\n".join(["    " + line for line in head]) + "\n\n")
+            for header, rows in tables:
+                f.write(render_markdown(header, rows) + "\n\n")
+            f.write("\n".join("* " + line for line in legend + tail_lines) + "\n")
         print()
-        print("results: %s" % out)
+        print("results: %s (tables in Markdown: %s)" % (out, md))
         failed = bool(problems)
         return 1 if problems else 0
     except BenchError as e:
