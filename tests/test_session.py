@@ -450,6 +450,23 @@ class KeepaliveTests(unittest.TestCase):
         pings = p.link.sent_types(p.dialer, F.PING, F.SYN)
         self.assertEqual(len(pings), 2)
 
+    def test_dead_peer_carrier_is_aborted(self):
+        # A graceful close of a TLS carrier waits for the (dead) peer's
+        # answer; a dead tunnel must drop its connection at once.
+        class Transport:
+            aborted = False
+
+            def abortConnection(self):
+                self.aborted = True
+
+        p = Pair(limits=Limits(ping_interval=1, dead_after=3))
+        p.dialer.transport = transport = Transport()
+        p.link.muted.add(p.acceptor)
+        p.clock.advance(3)
+        self.assertTrue(p.dialer.closed)
+        self.assertTrue(transport.aborted)
+        self.assertIsNot(p.link.closed_by, p.dialer)
+
     def test_any_inbound_traffic_keeps_alive(self):
         p = Pair(limits=Limits(ping_interval=15, dead_after=45))
         p.link.muted.add(p.acceptor)

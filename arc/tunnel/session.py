@@ -54,7 +54,9 @@ class Session:
     """
 
     log = Logger()
-    transport = None  # the carrier's transport, set by the carrier (for measurements)
+    # The carrier's transport, set by the carrier: for measurements, and to
+    # abort a dead tunnel (a graceful TLS close would wait for the dead peer).
+    transport = None
 
     def __init__(self, *, dialer, clock, limits=Limits(), name="tunnel",
                  on_open=None, on_goaway=None, on_close=None):
@@ -179,14 +181,22 @@ class Session:
         self.local_goaway = True
         self.send_frame(F.GOAWAY, 0, 0, code)
 
-    def fail(self, code, reason):
-        """Close the tunnel for a protocol violation or a fatal condition."""
+    def fail(self, code, reason, abort=False):
+        """Close the tunnel for a protocol violation or a fatal condition.
+
+        ``abort`` drops the carrier at once (a dead peer): a graceful close
+        would wait for the peer's answer, keeping the socket, and with it
+        the dialer's reconnection, hanging for as long as the peer is gone.
+        """
         if self.closed:
             return
         self.log.warn("tunnel {name} closed: {reason}", name=self.name, reason=reason)
         self.send_frame(F.GOAWAY, 0, 0, code)
         self._shutdown(code, reason)
-        if self._close_transport is not None:
+        abort_carrier = getattr(self.transport, "abortConnection", None) if abort else None
+        if abort_carrier is not None:
+            abort_carrier()
+        elif self._close_transport is not None:
             self._close_transport()
 
     def close(self, reason="closed"):
@@ -280,7 +290,7 @@ class Session:
         # The small margin absorbs float rounding of the scheduled wake-up.
         if silent >= self.limits.dead_after - 0.001:
             self.fail(F.TUNNEL_LOST, "peer silent for %.1f s (limit %.0f s): tunnel is dead"
-                      % (silent, self.limits.dead_after))
+                      % (silent, self.limits.dead_after), abort=True)
             return
         if now >= self._next_ping - 0.001:
             self.ping()
