@@ -65,6 +65,12 @@ class StreamPipe(Protocol):
             # own end (or a stream reset) finishes the stream.
             pass
         else:
+            # The answer is complete: close the socket once it is written.
+            # Twisted's TLS layer closes only after its producer (this
+            # stream) is unregistered, and the stream itself ends only when
+            # the socket does: without this, kubectl waits forever for the
+            # end of a body that lasts until the connection closes.
+            socket.unregisterProducer()
             socket.loseConnection()
 
     def writeConnectionLost(self):
