@@ -51,7 +51,8 @@ class AgentService(MultiService):
             credential=cfg.relay.credential, make_session=self.agent.make_session,
             tls_options=cfg.relay.tls_options(), transport=cfg.relay.transport,
             extra_headers={"Arc-Cluster": cfg.cluster}, what="agent",
-            ws_mask=cfg.relay.websocket_mask, proxy=cfg.relay.proxy)
+            ws_mask=cfg.relay.websocket_mask, proxy=cfg.relay.proxy,
+            backoff=cfg.relay.backoff())
         self.dialer.setServiceParent(self)
         credential_service = getattr(cfg.relay.credential, "service", None)
         if credential_service is not None:

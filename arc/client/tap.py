@@ -67,7 +67,7 @@ class ProxyService(MultiService):
             reactor, relay_url=cfg.relay.url, path=CLIENT_PATH, credential=cfg.relay.credential,
             make_session=self._make_session, tls_options=cfg.relay.tls_options(),
             transport=cfg.relay.transport, what="user", ws_mask=cfg.relay.websocket_mask,
-            proxy=cfg.relay.proxy)
+            proxy=cfg.relay.proxy, backoff=cfg.relay.backoff())
         self.dialer.setServiceParent(self)
         credential_service = getattr(cfg.relay.credential, "service", None)
         if credential_service is not None:

@@ -40,6 +40,13 @@ class RelayLink:
     transport: str
     websocket_mask: bool
     proxy: Optional[str] = None
+    reconnect_initial: float = 0.5
+    reconnect_max: float = 30.0
+
+    def backoff(self):
+        """The reconnection policy: full jitter between these bounds."""
+        from arc.tunnel.dial import full_jitter
+        return full_jitter(self.reconnect_initial, self.reconnect_max)
 
     def tls_options(self):
         from arc.tls import client_options
@@ -82,7 +89,13 @@ def parse_relay_link(node):
         transport=section.choice("transport", TRANSPORTS, "tunnel"),
         websocket_mask=section.get("websocket_mask", bool, True),
         proxy=section.get("proxy", str, None),
+        reconnect_initial=section.positive("reconnect_initial", float,
+                                           RelayLink.reconnect_initial),
+        reconnect_max=section.positive("reconnect_max", float, RelayLink.reconnect_max),
     )
+    if link.reconnect_max < link.reconnect_initial:
+        raise section.error("reconnect_max", "must be at least reconnect_initial (%s s)"
+                            % link.reconnect_initial)
     if link.proxy not in (None, "none") and not link.proxy.startswith("http://"):
         raise section.error("proxy", "give an http:// proxy URL (CONNECT) or none, not %r"
                             % (link.proxy,))
