@@ -7,7 +7,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from arc.tunnel import frames as F
-from arc.tunnel.session import Limits, RefuseStream, Session
+from arc.tunnel.session import Limits, RefuseStream, Session, drain
 from arc.tunnel.stream import Stream, StreamReset
 
 # -- helpers shared with test_stream and test_splice ---------------------------------
@@ -530,6 +530,67 @@ class GoAwayTests(unittest.TestCase):
         p.dialer.close()
         p.dialer.goAway()
         self.assertEqual(p.link.sent_types(p.dialer, F.GOAWAY), [])
+
+
+class DrainTests(unittest.TestCase):
+    def test_drain_waits_for_running_streams(self):
+        p = Pair(limits=Limits(ping_interval=0))
+        a, aproto = p.open()
+        b, bproto = p.open()
+        p.dialer.goAway()
+        results = []
+        drain([p.dialer], p.clock, 30, "stopping").addCallback(results.append)
+        p.pump()
+        p.clock.advance(10)
+        self.assertEqual(results, [])
+        a.loseConnection()
+        p.on_open.opened[0][0].loseConnection()
+        p.pump()
+        self.assertEqual(results, [])
+        b.loseConnection()
+        p.on_open.opened[1][0].loseConnection()
+        p.pump()
+        self.assertEqual(results, [0])
+        self.assertNotIsInstance(bproto.lost.value, StreamReset)
+        self.assertEqual(p.clock.getDelayedCalls(), [])
+
+    def test_drain_deadline_resets_what_is_left(self):
+        p = Pair(limits=Limits(ping_interval=0))
+        stream, proto = p.open()
+        p.dialer.goAway()
+        results = []
+        drain([p.dialer], p.clock, 30, "agent stopping: drain deadline passed").addCallback(
+            results.append)
+        p.clock.advance(29.9)
+        self.assertEqual(results, [])
+        p.clock.advance(0.1)
+        self.assertEqual(results, [1])
+        self.assertEqual(proto.lost.value.code, F.GOING_AWAY)
+        p.pump()
+        remote_proto = p.on_open.opened[0][1]
+        self.assertEqual(remote_proto.lost.value.code, F.GOING_AWAY)
+        self.assertIn("drain deadline", remote_proto.lost.value.reason)
+        self.assertEqual(p.dialer.streams, {})
+        self.assertEqual(p.acceptor.streams, {})
+
+    def test_drain_of_idle_or_closed_sessions_is_immediate(self):
+        p = Pair(limits=Limits(ping_interval=0))
+        results = []
+        drain([p.dialer], p.clock, 30, "x").addCallback(results.append)
+        self.assertEqual(results, [0])
+        p.open()
+        p.dialer.close()
+        drain([p.dialer], p.clock, 30, "x").addCallback(results.append)
+        self.assertEqual(results, [0, 0])
+        self.assertEqual(p.clock.getDelayedCalls(), [])
+
+    def test_tunnel_loss_ends_the_drain(self):
+        p = Pair(limits=Limits(ping_interval=0))
+        p.open()
+        results = []
+        drain([p.dialer], p.clock, 30, "x").addCallback(results.append)
+        p.dialer.connectionLost("gone")
+        self.assertEqual(results, [0])
 
 
 class SendTests(unittest.TestCase):

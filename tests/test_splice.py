@@ -292,3 +292,25 @@ class SpliceTests(unittest.TestCase):
         p.pump()
         self.assertFalse(p.relay_client.closed)
         self.assertEqual(len(p.agent_link.sent[p.relay_agent]), forwarded)
+
+
+class RelayDrainTests(unittest.TestCase):
+    def test_reset_streams_resets_both_ends_of_each_pair(self):
+        p = Path(limits=Limits(ping_interval=0))
+        stream, proto = p.open(write=b"x")
+        remote, rproto = p.remote()
+        other, other_proto = p.open()
+        p.relay_client.reset_streams(F.GOING_AWAY, "the relay is stopping")
+        # Resetting a pair already reset through its other half does nothing.
+        p.relay_agent.reset_streams(F.GOING_AWAY, "again")
+        p.pump()
+        for lost in (proto.lost, rproto.lost, other_proto.lost):
+            self.assertEqual(lost.value.code, F.GOING_AWAY)
+            self.assertEqual(lost.value.reason, "the relay is stopping")
+        self.assertEqual(p.relay_client.streams, {})
+        self.assertEqual(p.relay_agent.streams, {})
+        self.assertEqual(p.agent.streams, {})
+        self.assertEqual(p.client.streams, {})
+        self.assertEqual(len(p.ended), 2)
+        resets = p.client_link.sent_types(p.relay_client, F.DATA, F.RST)
+        self.assertEqual(len(resets), 2)

@@ -52,11 +52,18 @@ class AgentService(MultiService):
             tls_options=cfg.relay.tls_options(), transport=cfg.relay.transport,
             extra_headers={"Arc-Cluster": cfg.cluster}, what="agent",
             ws_mask=cfg.relay.websocket_mask, proxy=cfg.relay.proxy,
-            backoff=cfg.relay.backoff())
+            backoff=cfg.relay.backoff(), drain_timeout=cfg.limits.drain_timeout)
         self.dialer.setServiceParent(self)
         credential_service = getattr(cfg.relay.credential, "service", None)
         if credential_service is not None:
             credential_service().setServiceParent(self)
+
+    def stopService(self):
+        # Drain the tunnel first, so that the guard (audit, credentials) keeps
+        # serving the running streams until they end or the deadline passes.
+        d = self.dialer.drain()
+        d.addBoth(lambda _: super(AgentService, self).stopService())
+        return d
 
 
 def makeService(options, reactor=None):

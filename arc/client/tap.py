@@ -67,7 +67,8 @@ class ProxyService(MultiService):
             reactor, relay_url=cfg.relay.url, path=CLIENT_PATH, credential=cfg.relay.credential,
             make_session=self._make_session, tls_options=cfg.relay.tls_options(),
             transport=cfg.relay.transport, what="user", ws_mask=cfg.relay.websocket_mask,
-            proxy=cfg.relay.proxy, backoff=cfg.relay.backoff())
+            proxy=cfg.relay.proxy, backoff=cfg.relay.backoff(),
+            drain_timeout=cfg.limits.drain_timeout)
         self.dialer.setServiceParent(self)
         credential_service = getattr(cfg.relay.credential, "service", None)
         if credential_service is not None:
@@ -94,6 +95,8 @@ class ProxyService(MultiService):
         return None
 
     def tunnel_problem(self):
+        if any(s.remote_goaway and not s.closed for s in self.sessions):
+            return "the relay is shutting down; the client reconnects once it is back"
         return self.dialer.last_error or "connecting"
 
     def startService(self):

@@ -17,7 +17,7 @@ from arc.relay.registry import Identity
 from arc.relay.splice import Half, pair
 from arc.tunnel import frames as F
 from arc.tunnel.carrier import HeadError
-from arc.tunnel.session import RefuseStream, Session
+from arc.tunnel.session import RefuseStream, Session, drain
 
 AGENT_PATH = "/arc/v1/agent"
 CLIENT_PATH = "/arc/v1/client"
@@ -194,13 +194,37 @@ class Relay:
     def _stream_ended(self, half):
         self.streams_open -= 1
 
+    def sessions(self):
+        """Every tunnel: agents' and clients'."""
+        found = [s for tunnels in self.agents.values() for s in tunnels]
+        found.extend(self.clients)
+        return found
+
     def stopping(self):
         """Graceful stop: refuse new streams on every tunnel."""
-        for tunnels in self.agents.values():
-            for session in tunnels:
-                session.goAway(F.GOING_AWAY)
-        for session in self.clients:
+        for session in self.sessions():
             session.goAway(F.GOING_AWAY)
+
+    def drain(self, timeout):
+        """Let running streams finish, then close every tunnel.
+
+        Fires once no stream is left, or after ``timeout`` seconds, when the
+        streams still running are reset (``GOING_AWAY``).
+        """
+        sessions = self.sessions()
+        if self.streams_open:
+            self.log.info("draining: {n} streams running, up to {t} s",
+                          n=self.streams_open, t=timeout)
+
+        def drained(reset):
+            if reset:
+                self.log.warn("drain deadline of {t} s passed: reset the streams still "
+                              "running", t=timeout)
+            for session in sessions:
+                session.close("the relay stopped")
+
+        reason = "the relay is stopping (its drain deadline of %.0f s passed)" % (timeout,)
+        return drain(sessions, self.clock, timeout, reason).addCallback(drained)
 
 
 def _peer(request):

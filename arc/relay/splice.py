@@ -61,6 +61,16 @@ class Half:
             peer.credit += value
             peer.session.send([_header(ftype, flags, peer.id, value)])
 
+    def reset(self, code, reason):
+        """Reset both streams of the pair now (the relay is stopping)."""
+        if self.session.streams.get(self.id) is not self:
+            return
+        self.session.send_reset(self.id, code, reason)
+        peer = self.peer
+        if peer is not None:
+            peer.session.send_reset(peer.id, code, reason)
+        self._end()
+
     def tunnelLost(self, code, reason):
         peer = self.peer
         if peer is not None:

@@ -1,6 +1,7 @@
 """``twistd arc-relay --config relay.yaml``."""
 
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -53,8 +54,11 @@ class RelayService(MultiService):
         self.reloader.setServiceParent(self)
 
     def stopService(self):
+        """GOAWAY to every tunnel, stop accepting, let running streams finish (bounded)."""
         self.relay.stopping()
-        return super().stopService()
+        stopped = super().stopService()
+        drained = self.relay.drain(self.config.limits.drain_timeout)
+        return defer.gatherResults([stopped, drained])
 
     def bound(self):
         """Deferred firing with the bound port number (for port 0 in tests)."""

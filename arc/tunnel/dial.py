@@ -14,12 +14,14 @@ from urllib.parse import urlsplit
 
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
 from arc.tls import is_tls_failure
 from arc.tunnel.carrier import RawDialerFactory, UpgradeRefused, websocket_dialer_factory
 from arc.tunnel.connectproxy import HTTPConnectEndpoint, ProxyError, proxy_for
+from arc.tunnel.session import drain
 
 
 def full_jitter(initial=0.5, maximum=30.0, factor=2.0, rng=random.random):
@@ -95,13 +97,15 @@ class TunnelDialer(Service):
     :param make_session: returns a fresh, not yet connected, Session.
     :param credential: callable returning the bearer token (re-read at each
         attempt, so a rotated token file is picked up).
+    :param drain_timeout: on stop, seconds the running streams may take to
+        finish after GOAWAY before they are reset.
     """
 
     log = Logger()
 
     def __init__(self, reactor, *, relay_url, path, credential, make_session, tls_options,
                  transport="tunnel", extra_headers=None, what="agent", backoff=None,
-                 ws_mask=True, proxy=None):
+                 ws_mask=True, proxy=None, drain_timeout=30.0):
         self.reactor = reactor
         self.relay_url = relay_url
         self.path = path
@@ -114,6 +118,7 @@ class TunnelDialer(Service):
         self.backoff = backoff or full_jitter()
         self.ws_mask = ws_mask
         self.proxy = proxy
+        self.drain_timeout = drain_timeout
         self.session = None
         self.last_error = None
         self.connects = 0
@@ -179,6 +184,9 @@ class TunnelDialer(Service):
 
         def up(session):
             self.session = session
+            if not self.running:
+                # Connected while stopping: this tunnel takes no streams.
+                session.goAway()
             self.connects += 1
             self.last_error = None
             self.log.info("tunnel to {url} up ({transport})", url=self.relay_url,
@@ -200,11 +208,36 @@ class TunnelDialer(Service):
         self._client.startService()
 
     def stopService(self):
+        """GOAWAY, let the running streams finish (bounded), then close the tunnel."""
         super().stopService()
         client, self._client = self._client, None
-        if self.session is not None:
-            self.session.goAway()
-        return client.stopService() if client is not None else None
+        d = self.drain()
+        if client is not None:
+            d.addCallback(lambda _: client.stopService())
+        return d
+
+    def drain(self):
+        """Refuse new streams and wait until the running ones have ended.
+
+        Fires once the tunnel has no stream left, or after ``drain_timeout``
+        seconds, when the streams still running are reset (``GOING_AWAY``).
+        """
+        session = self.session
+        if session is None or session.closed:
+            return defer.succeed(None)
+        session.goAway()
+        if session.streams:
+            self.log.info("draining the tunnel to {url}: {n} streams running, up to {t} s",
+                          url=self.relay_url, n=len(session.streams), t=self.drain_timeout)
+
+        def drained(reset):
+            if reset:
+                self.log.warn("drain deadline of {t} s passed: reset {n} streams still running",
+                              t=self.drain_timeout, n=reset)
+
+        reason = ("the %s is stopping (its drain deadline of %.0f s passed)"
+                  % ({"user": "arc client"}.get(self.what, self.what), self.drain_timeout))
+        return drain([session], self.reactor, self.drain_timeout, reason).addCallback(drained)
 
     def whenUp(self):
         """Deferred firing with a connected session."""

@@ -16,6 +16,7 @@ that forward frames to another session without decoding payloads.
 
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from arc.tunnel import frames as F
@@ -30,6 +31,7 @@ class Limits:
     ping_interval: float = 15.0
     dead_after: float = 45.0
     open_timeout: float = 30.0
+    drain_timeout: float = 30.0
 
 
 class RefuseStream(Exception):
@@ -68,6 +70,7 @@ class Session:
         self.on_goaway = on_goaway
         self.on_close = on_close
         self.streams = {}
+        self._idle_waiters = []
         self._next_id = 1 if dialer else 2
         self._decoder = F.FrameDecoder(limits.max_frame)
         self._send = None
@@ -171,6 +174,26 @@ class Session:
 
     def remove(self, sid):
         self.streams.pop(sid, None)
+        if self._idle_waiters and not self.streams:
+            self._idle()
+
+    def whenIdle(self):
+        """Deferred firing once no stream is left on the tunnel (or it has ended)."""
+        if self.closed or not self.streams:
+            return defer.succeed(None)
+        d = defer.Deferred(self._idle_waiters.remove)
+        self._idle_waiters.append(d)
+        return d
+
+    def _idle(self):
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def reset_streams(self, code, reason):
+        """Reset every stream of the tunnel now, telling the peer why."""
+        for handler in list(self.streams.values()):
+            handler.reset(code, reason)
 
     # -- drain and close ---------------------------------------------------
 
@@ -220,6 +243,7 @@ class Session:
             handler.tunnelLost(code, reason)
         if self.on_close is not None:
             self.on_close(self, code, reason)
+        self._idle()
 
     # -- internals ---------------------------------------------------------
 
@@ -296,3 +320,32 @@ class Session:
             self.ping()
             self._next_ping = now + self.limits.ping_interval
         self._schedule(now)
+
+
+def drain(sessions, clock, timeout, reason, code=F.GOING_AWAY):
+    """Let the streams of ``sessions`` finish, for at most ``timeout`` seconds.
+
+    The caller has sent GOAWAY (no new streams come).  Streams still open at
+    the deadline are reset with ``code`` and ``reason``.  The Deferred fires
+    with the number of streams so reset (0: everything finished in time).
+    """
+    sessions = list(sessions)
+    done = defer.Deferred()
+    reset = []
+
+    def finish(_=None):
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(len(reset))
+
+    def deadline():
+        for session in sessions:
+            reset.extend(session.streams)
+        for session in sessions:
+            session.reset_streams(code, reason)
+        finish()
+
+    timer = clock.callLater(timeout, deadline)
+    defer.gatherResults([s.whenIdle() for s in sessions]).addCallback(finish)
+    return done
