@@ -48,7 +48,11 @@ class Relay:
     def plain(self, request):
         path = request.path.split("?", 1)[0]
         if path in ("/healthz", "/readyz"):
-            return _json(200, {"status": "ok"})
+            # Counts only (no names): enough to watch for leaks and load.
+            return _json(200, {"status": "ok",
+                               "agent_tunnels": sum(len(t) for t in self.agents.values()),
+                               "client_tunnels": len(self.clients),
+                               "streams_open": self.streams_open})
         return _json(404, {"message": "not found: the relay serves tunnels at %s and %s"
                                       % (AGENT_PATH, CLIENT_PATH)})
 
