@@ -22,25 +22,31 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
-from arc.testing.apiauth import Authenticator, UserInfo, parseTokenSpec
+from arc.testing.apiauth import (
+    Authenticator,
+    UserInfo,
+    parseImpersonationRule,
+    parseTokenSpec,
+)
 from arc.testing.apipatch import strategicMergePatch
 from arc.testing.apiserver import APIServer
 from arc.testing.apistatus import StatusError
-from arc.testing.execsession import CLOSE, STATUS, STDIN, STDOUT, ExecSession
+from arc.testing.execfiles import PodFiles
+from arc.testing.execsession import CLOSE, STATUS, STDIN, STDOUT, ExecSession, commandFor
 
 PROJECT = FilePath(__file__).parent().parent()
 
 
-def findKubectl():
-    """``kubectl.1.33`` beside the ``kubectl`` on PATH, else that ``kubectl``."""
+def findKubectl(version="1.33"):
+    """``kubectl.VERSION`` beside the ``kubectl`` on PATH, else C{None}."""
     found = shutil.which("kubectl")
     if found is None:
         return None
-    newest = os.path.join(os.path.dirname(os.path.realpath(found)), "kubectl.1.33")
-    return newest if os.access(newest, os.X_OK) else found
+    path = os.path.join(os.path.dirname(os.path.realpath(found)), f"kubectl.{version}")
+    return path if os.access(path, os.X_OK) else None
 
 
-KUBECTL = findKubectl()
+KUBECTL = findKubectl() or shutil.which("kubectl")
 NO_KUBECTL = "kubectl is not on PATH" if KUBECTL is None else None
 
 CONFIG_MAP = """\
@@ -50,6 +56,14 @@ metadata:
   name: settings
 data:
   color: {color}
+"""
+
+SUBJECT_ACCESS_REVIEW = """\
+apiVersion: authorization.k8s.io/v1
+kind: SubjectAccessReview
+spec:
+  user: {user}
+  resourceAttributes: {{verb: impersonate, resource: {resource}, name: {name}}}
 """
 
 POD = """\
@@ -163,25 +177,36 @@ def run(argv, stdin=None, env=None, timeout=30):
 
 
 class KubectlMixin:
-    """Run the real kubectl against a kubeconfig, with a private cache."""
+    """Run the real kubectl against a kubeconfig, with a private cache.
 
-    def kubectl(self, *args, stdin=None, token=None):
+    C{binary} picks another kubectl build (see L{findKubectl}); C{env} adds
+    environment variables, such as ``KUBECTL_REMOTE_COMMAND_WEBSOCKETS``.
+    """
+
+    def kubectl(self, *args, stdin=None, token=None, binary=None, env=None):
         """A Deferred firing with the ended L{Child}."""
         if token is not None:
             args = ("--token", token) + args
-        return run(self._argv(args), stdin=stdin, env=self._env())
+        return run(self._argv(args, binary), stdin=stdin, env=self._env(env))
 
-    def kubectlStream(self, *args):
+    def kubectlStream(self, *args, binary=None, env=None):
         """Start a long-running kubectl (watch, follow); it is killed at cleanup."""
-        child = spawn(self._argv(args), env=self._env())
+        child = spawn(self._argv(args, binary), env=self._env(env))
         self.addCleanup(child.stop)
         return child
 
-    def _argv(self, args):
-        return [KUBECTL, "--kubeconfig", self.kubeconfig, "--cache-dir", self.cacheDir, *args]
+    def _argv(self, args, binary):
+        return [
+            binary or KUBECTL,
+            "--kubeconfig",
+            self.kubeconfig,
+            "--cache-dir",
+            self.cacheDir,
+            *args,
+        ]
 
-    def _env(self):
-        return {"HOME": self.home, "PATH": os.environ.get("PATH", "")}
+    def _env(self, extra):
+        return dict({"HOME": self.home, "PATH": os.environ.get("PATH", "")}, **(extra or {}))
 
     def setUpKubectl(self, kubeconfig):
         self.kubeconfig = kubeconfig
@@ -195,10 +220,21 @@ class KubectlMixin:
         return path.path
 
 
-class EmulatorProcessTests(KubectlMixin, TestCase):
-    """The emulator as a process, driven by real kubectl."""
+class EmulatorProcessMixin(KubectlMixin):
+    """The emulator started as a process for each test, with a request log."""
 
-    skip = NO_KUBECTL
+    emulatorArguments = (
+        "--token", "admin-token=admin:system:masters",
+        "--token", "bob-token=bob:devs",
+        "--token", "carol-token=carol",
+        "--token", "guard-token=guard",
+        "--impersonator", "admin",
+        "--impersonator", "guard",
+        "--deny-user", "carol",
+        "--allow-impersonate", "guard=alice",
+        "--allow-impersonate", "guard=devs",
+        "--allow-impersonate", "*=nobody",
+    )  # fmt: skip
 
     @inlineCallbacks
     def setUp(self):
@@ -208,12 +244,8 @@ class EmulatorProcessTests(KubectlMixin, TestCase):
             sys.executable, "-m", "arc.testing.apiserver",
             "--state-dir", stateDir.path,
             "--listen", "tcp:0:interface=127.0.0.1",
-            "--token", "admin-token=admin:system:masters",
-            "--token", "bob-token=bob:devs",
-            "--token", "carol-token=carol",
-            "--impersonator", "admin",
-            "--deny-user", "carol",
             "--request-log", self.requestLog.path,
+            *self.emulatorArguments,
         ]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=PROJECT.path)
         server = spawn(argv, env=env)
@@ -232,6 +264,12 @@ class EmulatorProcessTests(KubectlMixin, TestCase):
 
     def waitForRequest(self, predicate, what):
         return waitUntil(lambda: any(predicate(r) for r in self.requests()), what)
+
+
+class EmulatorProcessTests(EmulatorProcessMixin, TestCase):
+    """The emulator as a process, driven by real kubectl."""
+
+    skip = NO_KUBECTL
 
     @inlineCallbacks
     def test_getPods(self):
@@ -426,6 +464,52 @@ class EmulatorProcessTests(KubectlMixin, TestCase):
         self.assertEqual(canI.out, b"no\n")
 
 
+    def review(self, token, user, resource, name):
+        """``create`` a SubjectAccessReview (the OpenAPI stub has no schema for it)."""
+        manifest = SUBJECT_ACCESS_REVIEW.format(user=user, resource=resource, name=name)
+        return self.kubectl(
+            "create", "--validate=false", "-o", "json", "-f", self.manifest(manifest), token=token
+        )
+
+    @inlineCallbacks
+    def test_subjectAccessReview(self):
+        """An impersonator asks who may impersonate whom; ``--allow-impersonate`` answers."""
+        questions = [
+            ("guard", "users", "alice", True),
+            ("guard", "groups", "devs", True),
+            ("guard", "users", "bob", False),
+            ("bob", "users", "alice", False),
+            ("bob", "users", "nobody", True),
+        ]
+        for user, resource, name, allowed in questions:
+            child = yield self.review("guard-token", user, resource, name)
+            self.assertEqual(child.code, 0, child.describe())
+            review = json.loads(child.out)
+            self.assertEqual(review["kind"], "SubjectAccessReview")
+            self.assertEqual(
+                review["status"]["allowed"], allowed, f"{user} {resource} {name}: {review}"
+            )
+        self.assertEqual(
+            review["status"]["reason"], "allowed by --allow-impersonate *=nobody"
+        )
+        masters = yield self.review("admin-token", "guard", "users", "bob")
+        self.assertEqual(
+            json.loads(masters.out)["status"]["reason"],
+            'no --allow-impersonate rule lets "guard" impersonate users "bob"',
+        )
+
+    @inlineCallbacks
+    def test_subjectAccessReviewRefused(self):
+        """Neither impersonators nor in ``system:masters``: 403."""
+        child = yield self.review("bob-token", "guard", "users", "alice")
+        self.assertEqual(child.code, 1, child.describe())
+        self.assertIn(
+            b'subjectaccessreviews.authorization.k8s.io is forbidden: User "bob" cannot '
+            b'create resource "subjectaccessreviews" in API group "authorization.k8s.io"',
+            child.err,
+        )
+
+
 class _ExecClient(WebSocketClientProtocol):
     def onMessage(self, payload, isBinary):
         self.factory.messages.append(payload)
@@ -455,16 +539,29 @@ class InProcessTests(KubectlMixin, TestCase):
 
     @inlineCallbacks
     def test_stopEndsStreams(self):
-        """Stopping the service ends followed logs, watches and execs."""
+        """Stopping the service ends followed logs, watches, execs and port-forwards."""
         if NO_KUBECTL:
             raise self.skipTest(NO_KUBECTL)
-        streams = [
-            self.kubectlStream("logs", "-f", "ticker"),
-            self.kubectlStream("get", "pods", "-w"),
+        spdy = {"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"}
+        execs = [
             self.kubectlStream("exec", "-i", "ticker", "--", "cat"),
+            self.kubectlStream("exec", "-i", "ticker", "--", "cat", env=spdy),
         ]
-        for marker in ("follow=true", "watch=true", "command=cat"):
-            yield waitUntil(lambda: any(marker in r["query"] for r in self.server.requests), marker)
+        follow = self.kubectlStream("logs", "-f", "ticker")
+        watch = self.kubectlStream("get", "pods", "-w")
+        forward = self.kubectlStream(
+            "port-forward", "--address", "127.0.0.1", "pod/ticker", ":8080"
+        )
+        streams = execs + [follow, watch, forward]
+        for child in execs:
+            # Echoed stdin shows the command runs: kubectl has all its streams.
+            # Dropped while it waits for a SPDY stream's reply, it would hang.
+            child.transport.write(b"ready\n")
+            yield child.waitFor(lambda c: b"ready\n" in c.out, 10, "exec to run")
+        yield follow.waitFor(lambda c: b"tick 1\n" in c.out, 10, "followed log")
+        requests = self.server.requests
+        yield waitUntil(lambda: any("watch=true" in r["query"] for r in requests), "watch")
+        yield forward.waitFor(lambda c: b"Forwarding from" in c.out, 10, "port-forward")
         yield self.server.stopService()
         for child in streams:
             yield child.waitFor(lambda c: c.done, 10, "kubectl to end")
@@ -497,8 +594,9 @@ class ExecSessionTests(SynchronousTestCase):
     def session(self, *argv, stdin=False):
         self.sent = []
         self.closed = []
+        command = commandFor(argv, "alice", PodFiles("pod"))
         return ExecSession(
-            argv, "alice", self.sent.append, lambda: self.closed.append(True), stdin=stdin
+            argv, command, self.sent.append, lambda: self.closed.append(True), stdin=stdin
         )
 
     def test_catUntilStdinClosed(self):
@@ -553,6 +651,37 @@ class AuthenticatorTests(SynchronousTestCase):
             StatusError, self.auth.impersonate, self.auth.authenticate(headers), headers
         )
         self.assertEqual(error.code, 403)
+
+    def test_reviewers(self):
+        """Only impersonators and ``system:masters`` may review others' access."""
+        self.auth.authorizeReviewer(UserInfo("root"))
+        self.auth.authorizeReviewer(UserInfo("user", ("system:masters",)))
+        error = self.assertRaises(StatusError, self.auth.authorizeReviewer, UserInfo("user"))
+        self.assertEqual(error.code, 403)
+
+    def test_impersonationRules(self):
+        rules = ["guard=alice", "guard=system:serviceaccount:ns:robot", "*=nobody", "root=*"]
+        auth = Authenticator({}, impersonationRules=[parseImpersonationRule(r) for r in rules])
+
+        def allowed(user, resource, name, namespace=""):
+            attributes = {"verb": "impersonate", "resource": resource, "name": name}
+            if namespace:
+                attributes["namespace"] = namespace
+            return auth.reviewImpersonation({"user": user, "resourceAttributes": attributes})[0]
+
+        self.assertTrue(allowed("guard", "users", "alice"))
+        self.assertTrue(allowed("guard", "groups", "alice"))
+        self.assertFalse(allowed("guard", "users", "bob"))
+        self.assertTrue(allowed("anyone", "users", "nobody"))
+        self.assertTrue(allowed("guard", "serviceaccounts", "robot", "ns"))
+        self.assertFalse(allowed("guard", "serviceaccounts", "robot", "other"))
+        self.assertFalse(allowed("guard", "uids", "1234"))
+        self.assertTrue(allowed("root", "userextras", "scopes"))
+        allowed, reason = auth.reviewImpersonation(
+            {"user": "root", "resourceAttributes": {"verb": "get", "resource": "pods"}}
+        )
+        self.assertFalse(allowed)
+        self.assertIn("only verb=impersonate", reason)
 
     def test_unknownToken(self):
         error = self.assertRaises(

@@ -5,6 +5,10 @@ identity when, and only when, the authenticated user is a configured
 impersonator, as a real API server with RBAC on ``impersonate`` would do.
 Users listed as denied may look at discovery and ask who they are, and are
 refused everything else, which lets tests provoke RBAC-style 403 answers.
+
+``SubjectAccessReview`` questions about impersonation (what a proxy asks
+before it sends ``Impersonate-*`` headers on someone's behalf) are answered
+from separate rules, L{ImpersonationRule}s.
 """
 
 from dataclasses import dataclass, field
@@ -14,6 +18,8 @@ from arc.errors import ConfigError
 from arc.testing.apistatus import badRequest, forbidden, unauthorized
 
 AUTHENTICATED = "system:authenticated"
+MASTERS = "system:masters"
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 
 _USER = b"impersonate-user"
 _GROUP = b"impersonate-group"
@@ -57,6 +63,53 @@ def parseTokenSpec(spec):
     return token, UserInfo(username, tuple(g for g in groups.split(",") if g))
 
 
+@dataclass(frozen=True)
+class ImpersonationRule:
+    """C{user} may impersonate the user or group C{target}; ``*`` matches any."""
+
+    user: str
+    target: str
+
+    def __str__(self):
+        return f"{self.user}={self.target}"
+
+    def allows(self, user, target):
+        return self.user in ("*", user) and self.target in ("*", target)
+
+
+def parseImpersonationRule(spec):
+    """Parse ``USER=TARGET`` (either may be ``*``) into an L{ImpersonationRule}."""
+    user, sep, target = spec.partition("=")
+    if not sep or not user or not target:
+        raise ConfigError(
+            f"{spec!r} is not USER=TARGET; for example guard=alice, or guard=* for anyone",
+            key="--allow-impersonate",
+        )
+    return ImpersonationRule(user, target)
+
+
+def impersonationTarget(attributes):
+    """Whom an ``impersonate`` question's ``resourceAttributes`` name.
+
+    Users and groups are named as they are, service accounts by their user
+    names (``system:serviceaccount:NS:NAME``); uids and extra values can
+    only be allowed by a ``*`` rule, so their target is ``*``.
+
+    @return: the target for L{ImpersonationRule.allows}, or C{None} for a
+        question that is not about impersonation.
+    """
+    if attributes.get("verb") != "impersonate":
+        return None
+    resource, name = attributes.get("resource"), attributes.get("name", "")
+    if resource in ("users", "groups"):
+        return name
+    if resource == "serviceaccounts":
+        return f"{SERVICE_ACCOUNT_PREFIX}{attributes.get('namespace', '')}:{name}"
+    if resource in ("uids", "userextras"):
+        return "*"
+    return None
+
+
 class Authenticator:
     """Resolve the caller of a request and decide whether it may act.
 
@@ -64,12 +117,15 @@ class Authenticator:
     @param impersonators: user names allowed to send ``Impersonate-*``.
     @param deniedUsers: user names refused everything but discovery and
         questions about themselves.
+    @param impersonationRules: the L{ImpersonationRule}s access reviews
+        answer from.
     """
 
-    def __init__(self, tokens, impersonators=(), deniedUsers=()):
+    def __init__(self, tokens, impersonators=(), deniedUsers=(), impersonationRules=()):
         self._tokens = dict(tokens)
         self._impersonators = frozenset(impersonators)
         self._denied = frozenset(deniedUsers)
+        self._rules = tuple(impersonationRules)
 
     def authenticate(self, headers):
         """The L{UserInfo} proven by the request's bearer token.
@@ -123,17 +179,53 @@ class Authenticator:
 
         @raise StatusError: 403 naming the verb, resource and scope.
         """
-        if self.mayAct(user):
-            return
-        subject = f'{resource} "{name}"' if name else resource
-        scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
-        raise forbidden(
-            f'{subject} is forbidden: User "{user.username}" cannot {verb} '
-            f'resource "{resource}" in API group "{group}" {scope}',
-            name=name,
-            kind=resource,
-            group=group,
+        if not self.mayAct(user):
+            raise _refusal(user, verb, resource, namespace, name, group)
+
+
+    def authorizeReviewer(self, user):
+        """Refuse C{user} a ``SubjectAccessReview`` unless it is an
+        impersonator or in ``system:masters``.
+
+        @raise StatusError: 403 as RBAC words it.
+        """
+        if user.username not in self._impersonators and MASTERS not in user.groups:
+            raise _refusal(user, "create", "subjectaccessreviews", group="authorization.k8s.io")
+
+    def reviewImpersonation(self, spec):
+        """Answer a ``SubjectAccessReview`` C{spec}: may its user impersonate?
+
+        @return: C{(allowed, reason)}.
+        """
+        user = spec.get("user", "")
+        attributes = spec.get("resourceAttributes") or {}
+        target = impersonationTarget(attributes)
+        if target is None:
+            return False, (
+                "the API server emulator answers only verb=impersonate questions about "
+                "users, groups, serviceaccounts, uids and userextras"
+            )
+        for rule in self._rules:
+            if rule.allows(user, target):
+                return True, f"allowed by --allow-impersonate {rule}"
+        return False, (
+            f'no --allow-impersonate rule lets "{user}" impersonate '
+            f'{attributes.get("resource")} "{attributes.get("name", "")}"'
         )
+
+
+def _refusal(user, verb, resource, namespace="", name="", group=""):
+    """The 403 RBAC gives C{user} for C{verb} on C{resource}."""
+    qualified = f"{resource}.{group}" if group else resource
+    subject = f'{qualified} "{name}"' if name else qualified
+    scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+    return forbidden(
+        f'{subject} is forbidden: User "{user.username}" cannot {verb} '
+        f'resource "{resource}" in API group "{group}" {scope}',
+        name=name,
+        kind=resource,
+        group=group,
+    )
 
 
 def _withAuthenticated(username, groups, uid="", extra=None):

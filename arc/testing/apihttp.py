@@ -1,9 +1,10 @@
 """HTTP face of the API server emulator: one twisted.web resource.
 
 L{APIResource} authenticates every request, applies impersonation, records
-the request, routes it to discovery, the object store, pod logs, the exec
-upgrade or the self-review endpoints, and answers failures with Kubernetes
-``Status`` bodies.  Watches and followed logs are chunked responses written
+the request, routes it to discovery, the object store, pod logs, the
+upgrades of exec, attach and port-forward (L{arc.testing.apiupgrade}) or the
+access-review endpoints, and answers failures with Kubernetes ``Status``
+bodies.  Watches and followed logs are chunked responses written
 as events happen; each one is kept in a set of streams so that a stopping
 server can end them.
 """
@@ -27,9 +28,11 @@ from arc.testing.apistatus import (
     unsupportedMediaType,
 )
 from arc.testing.apistore import selectorMatcher
-from arc.testing.execsession import chooseProtocol
+from arc.testing.apiupgrade import negotiatedProtocol, portForward, remoteCommand, upgradeKind
+from arc.testing.execfiles import PodFiles
+from arc.testing.execsession import ExecSession, LineEcho, commandFor
 from arc.testing.podlogs import LogFollower, LogFormat, fixedLines, tickInterval
-from arc.testing.wsexec import execResource
+from arc.testing.portforward import PortForwardHandler
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -49,7 +52,10 @@ class RequestLog:
     Each record holds ``method``, ``path``, ``query``, ``headers`` (a list of
     ``[name, value]`` pairs, one per header line, repeats kept), ``user``
     (the authenticated identity, or C{None}), ``effective`` (the identity
-    after impersonation) and the response ``code``.
+    after impersonation), the response ``code`` (101 for a connection handed
+    over to WebSocket or SPDY), ``upgrade`` (the lower-cased ``Upgrade``
+    header: ``websocket``, ``spdy/3.1`` or C{None}) and ``protocol`` (the
+    subprotocol or stream protocol chosen for an upgrade, or C{None}).
 
     @param path: a file to append one JSON line per request to, or C{None}.
     """
@@ -123,6 +129,7 @@ class APIResource(Resource):
         self._auth = authenticator
         self._requestLog = requestLog
         self._reactor = reactor
+        self._files = {}
         self.streams = set()
 
     def render(self, request):
@@ -138,6 +145,7 @@ class APIResource(Resource):
             ],
             "user": None,
             "effective": None,
+            "upgrade": upgradeKind(request),
         }
         try:
             user = self._auth.authenticate(request.requestHeaders)
@@ -157,6 +165,7 @@ class APIResource(Resource):
                 request, 500, StatusError(500, "InternalError", "internal error").status()
             )
         record["code"] = request.code
+        record["protocol"] = negotiatedProtocol(request) if request.code == 101 else None
         self._requestLog.add(record)
         self.log.info(
             "{method} {path} as {user}: {code}",
@@ -208,7 +217,7 @@ class APIResource(Resource):
         return None
 
     def _review(self, request, user, group, version, resource):
-        """``auth whoami`` and ``auth can-i``: questions about the caller."""
+        """``auth whoami``, ``auth can-i`` and access reviews of other users."""
         if request.method != b"POST":
             raise methodNotAllowed()
         if (group, version, resource) == ("authentication.k8s.io", "v1", "selfsubjectreviews"):
@@ -230,10 +239,22 @@ class APIResource(Resource):
                 "status": {"allowed": self._auth.mayAct(user)},
             }
             return _json(request, 201, review)
+        if (group, version, resource) == ("authorization.k8s.io", "v1", "subjectaccessreviews"):
+            self._auth.authorizeReviewer(user)
+            spec = _jsonBody(request).get("spec", {})
+            allowed, reason = self._auth.reviewImpersonation(spec)
+            review = {
+                "kind": "SubjectAccessReview",
+                "apiVersion": "authorization.k8s.io/v1",
+                "metadata": {"creationTimestamp": None},
+                "spec": spec,
+                "status": {"allowed": allowed, "reason": reason},
+            }
+            return _json(request, 201, review)
         raise pathNotFound()
 
     def _core(self, request, user, target):
-        """Objects of the core group: list, watch, CRUD, logs and exec."""
+        """Objects of the core group: list, watch, CRUD, logs, exec, attach, port-forward."""
         method, rt = request.method, target.resourceType
         verb = _verb(method, target, _arg(request, "watch") in ("true", "1"))
         resource = f"{rt.name}/{target.subresource}" if target.subresource else rt.name
@@ -242,6 +263,10 @@ class APIResource(Resource):
             return self._logs(request, target)
         if target.subresource == "exec" and method in (b"GET", b"POST"):
             return self._exec(request, user, target)
+        if target.subresource == "attach" and method in (b"GET", b"POST"):
+            return self._attach(request, target)
+        if target.subresource == "portforward" and method in (b"GET", b"POST"):
+            return self._portForward(request, target)
         if target.subresource:
             raise badRequest(f"{resource} is not supported by the API server emulator")
         if bool(target.name) != (verb in ("get", "update", "patch", "delete")):
@@ -351,42 +376,49 @@ class APIResource(Resource):
         _Stream(request, self.streams, follower.stop)
         return NOT_DONE_YET
 
+    def _podFiles(self, pod):
+        """The file system of C{pod}; a pod created anew starts a fresh one."""
+        metadata = pod["metadata"]
+        if metadata["uid"] not in self._files:
+            self._files[metadata["uid"]] = PodFiles(metadata["name"])
+        return self._files[metadata["uid"]]
+
     def _exec(self, request, user, target):
-        """Hand a WebSocket upgrade over to an emulated command."""
-        self._pod(request, target)
-        upgrade = (request.getHeader(b"upgrade") or b"").lower()
-        if upgrade != b"websocket":
-            raise badRequest(
-                "Upgrade request required: the API server emulator serves exec over WebSocket only"
-            )
-        offered = [
-            p.strip().decode("ascii", "replace")
-            for line in request.requestHeaders.getRawHeaders(b"sec-websocket-protocol", [])
-            for p in line.split(b",")
-        ]
-        subprotocol = chooseProtocol(offered)
-        if subprotocol is None:
-            raise badRequest(
-                f"none of the offered exec protocols {offered} is supported; "
-                "offer v5.channel.k8s.io or v4.channel.k8s.io"
-            )
+        """Run an emulated command over WebSocket or SPDY."""
+        pod, _ = self._pod(request, target)
         argv = [a.decode("utf-8") for a in request.args.get(b"command", [])]
         if not argv:
             raise badRequest("you must specify at least 1 command")
-        resource = execResource(
-            argv,
-            user.username,
-            subprotocol,
-            self.streams,
-            stdin=_arg(request, "stdin") in ("true", "1"),
-            tty=_arg(request, "tty") in ("true", "1"),
+        command = commandFor(argv, user.username, self._podFiles(pod))
+        return self._remoteCommand(request, argv, command)
+
+    def _attach(self, request, target):
+        """Attach to the pod's main process, which echoes stdin lines."""
+        _, container = self._pod(request, target)
+        return self._remoteCommand(request, ["attach", f"{target.name}/{container}"], LineEcho())
+
+    def _remoteCommand(self, request, argv, command):
+        stdin, stdout, stderr, tty = (
+            _arg(request, name) in ("true", "1") for name in ("stdin", "stdout", "stderr", "tty")
         )
-        return resource.render(request)
+
+        def newSession(send, close):
+            return ExecSession(argv, command, send, close, stdin=stdin, tty=tty)
+
+        return remoteCommand(request, newSession, self.streams, stdin, stdout, stderr, tty)
+
+    def _portForward(self, request, target):
+        """Forward connections to the pod's emulated services."""
+        metadata = self._store.get(PODS, target.namespace, target.name)["metadata"]
+        name, uid = metadata["name"], metadata["uid"]
+        return portForward(
+            request, lambda session: PortForwardHandler(session, name, uid), self.streams
+        )
 
 
 def _verb(method, target, watch):
     """The RBAC verb of a request on C{target}."""
-    if target.subresource == "exec":
+    if target.subresource in ("exec", "attach", "portforward"):
         return "create"
     if method == b"GET":
         if target.name:

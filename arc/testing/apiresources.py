@@ -204,6 +204,7 @@ PODS = ResourceType(
     categories=("all",),
     subresources=(
         ("log", "Pod", ("get",)),
+        ("attach", "PodAttachOptions", ("create", "get")),
         ("exec", "PodExecOptions", ("create", "get")),
         ("portforward", "PodPortForwardOptions", ("create", "get")),
     ),
@@ -283,9 +284,17 @@ SELF_SUBJECT_ACCESS_REVIEWS = {
     "verbs": ["create"],
 }
 
+SUBJECT_ACCESS_REVIEWS = {
+    "name": "subjectaccessreviews",
+    "singularName": "subjectaccessreview",
+    "namespaced": False,
+    "kind": "SubjectAccessReview",
+    "verbs": ["create"],
+}
+
 GROUPS = {
     "authentication.k8s.io": {"v1": [SELF_SUBJECT_REVIEWS]},
-    "authorization.k8s.io": {"v1": [SELF_SUBJECT_ACCESS_REVIEWS]},
+    "authorization.k8s.io": {"v1": [SELF_SUBJECT_ACCESS_REVIEWS, SUBJECT_ACCESS_REVIEWS]},
 }
 
 

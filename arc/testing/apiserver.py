@@ -3,10 +3,19 @@
 It serves, over HTTPS and HTTP/1.1: discovery, namespaces, pods and config
 maps (get, list with ``Table`` output, watch, create, apply, patch, delete),
 pod logs (``logs -f`` of the pre-created ``ticker`` pod prints a line every
-0.2 s), ``exec`` over the WebSocket channel protocols (``echo``, ``cat``,
-``true``, ``false``, ``sh -c "exit N"``, ``whoami``), ``auth whoami`` and
-``auth can-i``.  Callers authenticate with bearer tokens; ``Impersonate-*``
-headers are honoured for configured impersonators only.
+0.2 s), ``auth whoami`` and ``auth can-i``, and, over WebSocket and over
+SPDY/3.1 (L{arc.testing.apiupgrade}), ``exec`` of emulated commands
+(``echo``, ``cat``, ``true``, ``false``, ``sh -c "exit N"``, ``whoami``,
+``test``, and the ``tar`` that ``kubectl cp`` runs on each pod's in-memory
+files), ``attach`` (every pod's main process echoes the lines of its stdin)
+and ``port-forward`` (every pod answers HTTP on port 8080 with ``hello from
+POD:8080``).
+
+Callers authenticate with bearer tokens; ``Impersonate-*`` headers are
+honoured for configured impersonators only.  Impersonators and members of
+``system:masters`` may also ask, with a ``SubjectAccessReview``, whether
+some user may impersonate another user or a group; the answers follow the
+``--allow-impersonate`` rules.
 
 Command line::
 
@@ -16,6 +25,7 @@ Command line::
                                           admin-token=admin:system:masters)
         [--impersonator USER]...
         [--deny-user USER]...
+        [--allow-impersonate USER=TARGET]...           (USER or TARGET may be *)
         [--request-log FILE]
 
 On first start DIR receives a self-signed CA (``ca.crt``, ``ca.key``) and a
@@ -44,11 +54,11 @@ In-process, in the test's own reactor::
     # server.kubeconfig, server.url, server.requests, server.store
     yield server.stopService()
 
-Not served: SPDY (exec from kubectl 1.29 and older), port-forward,
-protobuf request bodies (``kubectl create configmap NAME`` sends one; use a
-manifest with ``kubectl apply -f`` or ``create -f``) and OpenAPI v2 (kubectl
-1.28 and older validate manifests against it: give them ``--validate=false``;
-1.29 and newer use the OpenAPI v3 stub served here).
+Not served: protobuf request bodies (``kubectl create configmap NAME``
+sends one; use a manifest with ``kubectl apply -f`` or ``create -f``) and
+OpenAPI v2 (kubectl 1.28 and older validate manifests against it: give them
+``--validate=false``; 1.29 and newer use the OpenAPI v3 stub served here,
+which describes the core kinds only).
 """
 
 import sys
@@ -72,7 +82,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
 from arc.errors import ConfigError
-from arc.testing.apiauth import Authenticator, parseTokenSpec
+from arc.testing.apiauth import Authenticator, parseImpersonationRule, parseTokenSpec
 from arc.testing.apicerts import ensureCredentials, writeKubeconfig
 from arc.testing.apihttp import APIResource, RequestLog
 from arc.testing.apiresources import NAMESPACES, PODS
@@ -126,6 +136,8 @@ class APIServer(Service):
         L{arc.testing.apiauth.UserInfo}; the first goes in the kubeconfig.
     @param impersonators: user names allowed to impersonate.
     @param deniedUsers: user names refused all but discovery and whoami.
+    @param impersonationRules: L{arc.testing.apiauth.ImpersonationRule}s
+        that ``SubjectAccessReview`` answers follow.
     @param requestLog: a file to append one JSON line per request to.
     """
 
@@ -138,6 +150,7 @@ class APIServer(Service):
         tokens=None,
         impersonators=(),
         deniedUsers=(),
+        impersonationRules=(),
         requestLog=None,
         reactor=None,
     ):
@@ -154,9 +167,8 @@ class APIServer(Service):
         self._requestLog = RequestLog(requestLog)
         self.store = ObjectStore(clock=reactor.seconds)
         seedCluster(self.store)
-        self._resource = APIResource(
-            self.store, Authenticator(tokens, impersonators, deniedUsers), self._requestLog, reactor
-        )
+        authenticator = Authenticator(tokens, impersonators, deniedUsers, impersonationRules)
+        self._resource = APIResource(self.store, authenticator, self._requestLog, reactor)
         self._port = None
         self.port = None
 
@@ -199,7 +211,7 @@ class APIServer(Service):
         return endpoint.listen(factory).addCallback(listening)
 
     def stopService(self):
-        """Stop listening and end open watches, followed logs and execs."""
+        """Stop listening; end open watches, followed logs and upgraded connections."""
         super().stopService()
         for stream in list(self._resource.streams):
             stream.stopStreaming()
@@ -225,6 +237,7 @@ class Options(usage.Options):
         self["tokens"] = {}
         self["impersonators"] = []
         self["deny-users"] = []
+        self["allow-impersonate"] = []
 
     def opt_token(self, spec):
         """TOKEN=USER[:GROUP,GROUP...] (repeatable; the first is in the kubeconfig)"""
@@ -242,6 +255,13 @@ class Options(usage.Options):
         """a user refused everything but discovery and whoami (repeatable)"""
         self["deny-users"].append(user)
 
+    def opt_allow_impersonate(self, spec):
+        """USER=TARGET: access reviews allow USER to impersonate TARGET (repeatable; * for any)"""
+        try:
+            self["allow-impersonate"].append(parseImpersonationRule(spec))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
     def postOptions(self):
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required")
@@ -257,6 +277,7 @@ def makeService(config, reactor=None):
         tokens=config["tokens"],
         impersonators=config["impersonators"],
         deniedUsers=config["deny-users"],
+        impersonationRules=config["allow-impersonate"],
         requestLog=config["request-log"],
         reactor=reactor,
     )

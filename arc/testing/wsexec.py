@@ -1,4 +1,4 @@
-"""The WebSocket side of the emulated ``pods/exec``: autobahn glue only.
+"""The WebSocket side of the emulated ``exec`` and ``attach``: autobahn glue only.
 
 The HTTP layer authenticates the upgrade request, checks the pod, picks the
 channel protocol and then hands the request to L{execResource}; what the
@@ -9,11 +9,9 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.logger import Logger
 
-from arc.testing.execsession import ExecSession
-
 
 class ExecProtocol(WebSocketServerProtocol):
-    """One exec connection: binary messages to and from an L{ExecSession}."""
+    """One connection: binary messages to and from an L{arc.testing.execsession.ExecSession}."""
 
     log = Logger()
     session = None
@@ -23,19 +21,14 @@ class ExecProtocol(WebSocketServerProtocol):
 
     def onOpen(self):
         factory = self.factory
-        self.session = ExecSession(
-            factory.argv,
-            factory.username,
+        self.session = factory.newSession(
             send=lambda message: self.sendMessage(message, isBinary=True),
             close=lambda: self.sendClose(1000),
-            stdin=factory.stdin,
-            tty=factory.tty,
         )
         factory.streams.add(self)
         self.log.info(
-            "exec {argv} as {user} over {subprotocol}",
-            argv=factory.argv,
-            user=factory.username,
+            "{argv} started over {subprotocol}",
+            argv=self.session.argv,
             subprotocol=factory.subprotocol,
         )
         self.session.start()
@@ -48,7 +41,7 @@ class ExecProtocol(WebSocketServerProtocol):
             self.factory.streams.discard(self)
             self.session.connectionLost()
             self.log.info(
-                "exec {argv} ended, exit code {code}",
+                "{argv} ended, exit code {code}",
                 argv=self.session.argv,
                 code=self.session.exitCode,
             )
@@ -58,21 +51,18 @@ class ExecProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
 
-def execResource(argv, username, subprotocol, streams, stdin=False, tty=False):
+def execResource(newSession, subprotocol, streams):
     """A one-shot resource that upgrades its request to an exec session.
 
-    @param argv: the command line to emulate.
-    @param username: the effective user, for ``whoami``.
+    @param newSession: called with C{send} and C{close} callables, returns
+        the L{arc.testing.execsession.ExecSession} to run.
     @param subprotocol: the channel protocol already chosen for the client.
     @param streams: a set the open connection adds itself to until it ends,
         so that a stopping server can close it.
     """
     factory = WebSocketServerFactory()
     factory.protocol = ExecProtocol
-    factory.argv = argv
-    factory.username = username
+    factory.newSession = newSession
     factory.subprotocol = subprotocol
     factory.streams = streams
-    factory.stdin = stdin
-    factory.tty = tty
     return WebSocketResource(factory)
