@@ -38,6 +38,7 @@ class ClientConfig:
     clusters: tuple
     limits: Limits
     control: Optional[str] = None
+    head_timeout: float = 10.0     # kubectl's TLS handshake and first request head
 
 
 def load_client_config(path):
@@ -74,6 +75,7 @@ def load_client_config(path):
         clusters=tuple(clusters),
         limits=parse_limits(node),
         control=node.get("control", str, None),
+        head_timeout=node.positive("head_timeout", float, 10.0),
     )
     node.finish()
     return cfg

@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from arc import status
 from arc.client.localca import SERVER_NAME_SUFFIX as _DOMAIN
+from arc.ratelog import RateLimitedLog
 from arc.tls import set_nodelay
 from arc.tunnel import frames as F
 from arc.tunnel.pipe import StreamPipe
@@ -67,9 +68,33 @@ class KubectlConnection(Protocol):
         self._head = bytearray()
         self._head_seen = False
         self._answer = None
+        self._timer = None
+        self.violations = None
 
     def connectionMade(self):
         set_nodelay(self.transport)
+        timeout = getattr(self.proxy, "head_timeout", None)
+        clock = getattr(self.proxy, "reactor", None)
+        if timeout and clock is not None:
+            # The TLS handshake and the first request head must come in time:
+            # connections that send nothing (or a byte now and then) are dropped.
+            self._timer = clock.callLater(timeout, self._head_timeout, timeout)
+
+    def _head_timeout(self, timeout):
+        self._timer = None
+        if self.violations is not None:
+            peer = self.transport.getPeer()
+            self.violations.emit(("head-timeout", getattr(peer, "host", None)), self.log.info,
+                                 "kubectl connection from {peer} sent no complete TLS "
+                                 "handshake and request head within {t} s; closing",
+                                 peer=str(peer), t=timeout)
+        self.transport.abortConnection()
+
+    def _cancel_timer(self):
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
 
     def handshakeCompleted(self):
         cluster = self.cluster
@@ -123,12 +148,14 @@ class KubectlConnection(Protocol):
             if b"\r\n\r\n" in self._head or len(self._head) > MAX_HEAD_SCAN:
                 self._head_seen = True
                 self._head = None
+                self._cancel_timer()
         if self.pipe is not None:
             self.pipe.socket_data(data)
         elif self._answer is not None and self._head_seen:
             self._send_answer()
 
     def connectionLost(self, reason):
+        self._cancel_timer()
         if self.pipe is not None:
             self.pipe.socket_lost(reason)
 
@@ -137,6 +164,10 @@ class KubectlFactory(Factory):
     def __init__(self, proxy, cluster=None):
         self.proxy = proxy
         self.cluster = cluster
+        clock = getattr(proxy, "reactor", None)
+        self.violations = RateLimitedLog(clock) if clock is not None else None
 
     def buildProtocol(self, addr):
-        return KubectlConnection(self.proxy, self.cluster)
+        connection = KubectlConnection(self.proxy, self.cluster)
+        connection.violations = self.violations
+        return connection

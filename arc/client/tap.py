@@ -48,6 +48,7 @@ class ProxyService(MultiService):
         self.reactor = reactor
         self.config_file = cfg.file
         self.relay_url = cfg.relay.url
+        self.head_timeout = cfg.head_timeout
         self.clusters = {c.name: c for c in cfg.clusters}
         self.local_ca = ensure_local_ca(cfg.state_dir)
         self.sessions = set()

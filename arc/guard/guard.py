@@ -17,6 +17,10 @@ class GuardConfig:
     allow_impersonation: bool
     audit: object
     token_refresh: float
+    # A keep-alive connection idle between requests is closed after this
+    # long (watch, exec, port-forward and logs are never cut: only the wait
+    # for the next request is timed).
+    idle_timeout: float = 300.0
 
     @property
     def impersonates(self):
@@ -43,6 +47,7 @@ def parse_guard(node):
         allow_impersonation=section.get("allow_impersonation", bool, False),
         audit=parse_audit(section),
         token_refresh=section.positive("token_refresh", float, 60.0),
+        idle_timeout=section.positive("idle_timeout", float, 300.0),
     )
     section.finish()
     return cfg

@@ -123,12 +123,35 @@ class GuardProtocol(Protocol):
         self._record = None
         self._audit_id = None
         self._started = 0.0
+        self._idle_timer = None
 
     # -- downstream ----------------------------------------------------------
 
     def connectionMade(self):
         set_nodelay(self.transport)
         self._gate = _PauseGate(self.transport)
+        self._arm_idle()
+
+    def _arm_idle(self):
+        """Time the wait for the next request (only between requests)."""
+        timeout = getattr(getattr(self.guard, "cfg", None), "idle_timeout", None)
+        clock = getattr(getattr(self.guard, "upstream", None), "reactor", None)
+        if timeout and clock is not None and self._idle_timer is None:
+            self._idle_timer = clock.callLater(timeout, self._idle_expired, timeout)
+
+    def _disarm_idle(self):
+        if self._idle_timer is not None:
+            if self._idle_timer.active():
+                self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_expired(self, timeout):
+        self._idle_timer = None
+        if self.state == HEAD and not self._in and self._resp_state is None:
+            self.log.debug("guard: connection idle for {t} s between requests; closing",
+                           t=timeout)
+            self.state = CLOSED
+            self.transport.loseConnection()
 
     def dataReceived(self, data):
         if self.state == SPLICED:
@@ -137,6 +160,8 @@ class GuardProtocol(Protocol):
             return
         if self.state == CLOSED:
             return
+        if self._idle_timer is not None:
+            self._disarm_idle()
         self._in += data
         self._advance()
 
@@ -154,6 +179,7 @@ class GuardProtocol(Protocol):
         pass
 
     def connectionLost(self, reason):
+        self._disarm_idle()
         previous, self.state = self.state, CLOSED
         up, self._up = self._up, None
         if up is not None:
@@ -459,6 +485,8 @@ class GuardProtocol(Protocol):
             return
         if self.state == WAIT:
             self._advance()
+        if self.state == HEAD and not self._in:
+            self._arm_idle()
 
     def _detach(self, side):
         """Undo the producer registrations made in :meth:`upstream_connected`."""

@@ -6,6 +6,7 @@ from typing import Optional
 from arc import config
 from arc.identity.authenticator import parse_identity
 from arc.relay.registry import Registry, parse_registry
+from arc.relay.relay import parse_relay_limits
 from arc.tunnel.session import Limits
 from arc.tunnel.settings import parse_limits
 
@@ -21,6 +22,7 @@ class RelayConfig:
     head_timeout: float
     websocket_require_mask: bool
     authenticator: object = None
+    relay_limits: object = None    # arc.relay.relay.RelayLimits (limits: section)
 
 
 def load_relay_config(path):
@@ -59,6 +61,7 @@ def load_relay_config(path):
         head_timeout=node.positive("head_timeout", float, 10.0),
         websocket_require_mask=node.get("websocket_require_mask", bool, False),
         authenticator=authenticator,
+        relay_limits=parse_relay_limits(node),
     )
     node.finish()
     return cfg

@@ -9,10 +9,12 @@ stream there, then frames flow between the two undecoded (see
 """
 
 import json
+from dataclasses import dataclass
 
 from twisted.logger import Logger
 
 from arc.identity.model import AuthError
+from arc.ratelog import RateLimitedLog
 from arc.relay.registry import Identity
 from arc.relay.splice import Half, pair
 from arc.tunnel import frames as F
@@ -30,16 +32,40 @@ def _json(status, obj):
             b"Connection: close\r\n\r\n" % (status, len(body))) + body
 
 
+@dataclass(frozen=True)
+class RelayLimits:
+    """The relay's ``limits:`` section: what one cluster or one user may hold."""
+
+    max_agent_tunnels_per_cluster: int = 16
+    max_streams_per_user: int = 10000
+
+
+def parse_relay_limits(node):
+    section = node.section("limits")
+    limits = RelayLimits(
+        max_agent_tunnels_per_cluster=section.positive(
+            "max_agent_tunnels_per_cluster", int, RelayLimits.max_agent_tunnels_per_cluster),
+        max_streams_per_user=section.positive(
+            "max_streams_per_user", int, RelayLimits.max_streams_per_user),
+    )
+    section.finish()
+    return limits
+
+
 class Relay:
     log = Logger()
 
-    def __init__(self, clock, registry, limits, authenticator=None):
+    def __init__(self, clock, registry, limits, authenticator=None,
+                 relay_limits=RelayLimits()):
         self.clock = clock
         self.registry = registry
         self.authenticator = authenticator
         self.limits = limits
+        self.relay_limits = relay_limits
         self.agents = {}      # cluster -> list of sessions
         self.clients = set()
+        self.user_streams = {}   # user name -> streams open
+        self.violations = RateLimitedLog(clock)
         self.streams_open = 0
         self.streams_total = 0
 
@@ -77,6 +103,15 @@ class Relay:
             self.log.warn("agent refused: wrong or missing token for cluster {cluster} "
                           "(peer {peer})", cluster=cluster, peer=peer)
             raise HeadError(401, "agent token rejected for cluster %r" % (cluster,))
+        most = self.relay_limits.max_agent_tunnels_per_cluster
+        if len(self.agents.get(cluster, ())) >= most:
+            self.violations.emit(("agents", cluster), self.log.warn,
+                                 "agent refused: cluster {cluster} already has {n} agent "
+                                 "tunnels (limits.max_agent_tunnels_per_cluster) (peer {peer})",
+                                 cluster=cluster, n=most, peer=peer)
+            raise HeadError(429, "cluster %r already has %d agent tunnels, the relay's limit "
+                                 "(limits.max_agent_tunnels_per_cluster): stop extra agent "
+                                 "replicas or raise the limit" % (cluster, most))
 
         def start(send, close):
             session = Session(dialer=False, clock=self.clock, limits=self.limits,
@@ -174,6 +209,17 @@ class Relay:
             raise RefuseStream(F.FORBIDDEN,
                                "user %r may not reach cluster %r: no access binding names the "
                                "user or one of its groups" % (identity.name, cluster))
+        open_now = self.user_streams.get(identity.name, 0)
+        most = self.relay_limits.max_streams_per_user
+        if open_now >= most:
+            self.violations.emit(("user-streams", identity.name), self.log.warn,
+                                 "stream refused: user {user} has {n} streams open "
+                                 "(limits.max_streams_per_user)", user=identity.name, n=most)
+            raise RefuseStream(F.LIMIT_EXCEEDED,
+                               "user %r has %d streams open through the relay, its limit "
+                               "(limits.max_streams_per_user): close some watches or "
+                               "port-forwards, or ask the operator to raise the limit"
+                               % (identity.name, most))
         agent = self._pick_agent(cluster)
         if agent is None:
             raise RefuseStream(F.CLUSTER_OFFLINE,
@@ -193,10 +239,17 @@ class Relay:
                                % (cluster, e.reason))
         self.streams_open += 1
         self.streams_total += 1
+        self.user_streams[identity.name] = open_now + 1
         return client_half
 
     def _stream_ended(self, half):
         self.streams_open -= 1
+        name = half.session.identity.name
+        left = self.user_streams.get(name, 1) - 1
+        if left > 0:
+            self.user_streams[name] = left
+        else:
+            self.user_streams.pop(name, None)
 
     def sessions(self):
         """Every tunnel: agents' and clients'."""

@@ -35,7 +35,8 @@ class RelayService(MultiService):
     def __init__(self, cfg, reactor, reload_interval=5.0):
         super().__init__()
         self.config = cfg
-        self.relay = Relay(reactor, cfg.registry, cfg.limits, cfg.authenticator)
+        self.relay = Relay(reactor, cfg.registry, cfg.limits, cfg.authenticator,
+                           **({"relay_limits": cfg.relay_limits} if cfg.relay_limits else {}))
         if cfg.authenticator is not None:
             for service in cfg.authenticator.services():
                 service.setServiceParent(self)

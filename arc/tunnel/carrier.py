@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from arc.ratelog import RateLimitedLog
 from arc.tls import is_tls_failure, set_nodelay
 
 RAW_UPGRADE = "arc-tunnel/1"
@@ -161,9 +162,27 @@ class TunnelServerProtocol(Protocol):
 
     def _head_timeout(self):
         self._timer = None
-        self.log.info("tunnel request head not complete within {t} s from {peer}; closing",
-                      t=self.factory.head_timeout, peer=str(self.transport.getPeer()))
+        peer = self.transport.getPeer()
+        violations = getattr(self.factory, "violations", None)
+        if violations is None:
+            violations = self.factory.violations = RateLimitedLog(self.factory.clock)
+        violations.emit(
+            ("head-timeout", getattr(peer, "host", None)), self.log.info,
+            "tunnel request head not complete within {t} s from {peer}; closing",
+            t=self.factory.head_timeout, peer=str(peer))
+        if not self._buf:
+            # Nothing came (or the TLS handshake never completed): nobody to
+            # answer, and a TLS close would wait for the silent peer.
+            self._done = True
+            self.transport.abortConnection()
+            return
         self._refuse(408, "request head not received in time")
+        # A peer that does not read must not keep the socket: drop it soon.
+        self.factory.clock.callLater(2.0, self._abort_if_open)
+
+    def _abort_if_open(self):
+        if self.connected:
+            self.transport.abortConnection()
 
     def _refuse(self, status, message):
         self._done = True
@@ -295,6 +314,7 @@ class TunnelServerFactory(Factory):
         self.accept = accept
         self.plain = plain
         self.head_timeout = head_timeout
+        self.violations = RateLimitedLog(clock)
         self.websocket = WebSocketServerFactory()
         self.websocket.protocol = _WSServerProtocol
         self.websocket.setProtocolOptions(

@@ -32,6 +32,9 @@ class Limits:
     dead_after: float = 45.0
     open_timeout: float = 30.0
     drain_timeout: float = 30.0
+    # Streams this side opened that the peer has not answered yet (no frame
+    # back): a stalled peer cannot make the opener pile up half-open streams.
+    max_pending_opens: int = 1000
 
 
 class RefuseStream(Exception):
@@ -70,6 +73,7 @@ class Session:
         self.on_goaway = on_goaway
         self.on_close = on_close
         self.streams = {}
+        self.pending_opens = set()
         self._idle_waiters = []
         self._next_id = 1 if dialer else 2
         self._decoder = F.FrameDecoder(limits.max_frame)
@@ -110,11 +114,14 @@ class Session:
             self.fail(e.code, str(e))
             return
         streams = self.streams
+        pending = self.pending_opens
         for ftype, flags, sid, value, payload in received:
             if ftype == F.DATA or ftype == F.WINDOW_UPDATE:
                 if flags & F.SYN:
                     self._incoming(ftype, flags, sid, value, payload)
                 else:
+                    if pending and sid in pending:
+                        pending.discard(sid)
                     handler = streams.get(sid)
                     if handler is not None:
                         handler.frameReceived(ftype, flags, value, payload)
@@ -162,6 +169,11 @@ class Session:
             raise RefuseStream(F.LIMIT_EXCEEDED,
                                "tunnel %s has reached its limit of %d streams"
                                % (self.name, self.limits.max_streams))
+        if len(self.pending_opens) >= self.limits.max_pending_opens:
+            raise RefuseStream(F.LIMIT_EXCEEDED,
+                               "tunnel %s has %d stream opens the peer has not answered yet "
+                               "(limit tunnel.max_pending_opens)"
+                               % (self.name, len(self.pending_opens)))
         sid = self._next_id
         if sid > F.MAX_STREAM_ID:
             raise RefuseStream(F.LIMIT_EXCEEDED, "stream ids exhausted on tunnel %s" % self.name)
@@ -169,11 +181,13 @@ class Session:
         if callable(handler) and not hasattr(handler, "frameReceived"):
             handler = handler(sid)
         self.streams[sid] = handler
+        self.pending_opens.add(sid)
         self.send_frame(F.DATA, F.SYN, sid, len(metadata), metadata)
         return sid
 
     def remove(self, sid):
         self.streams.pop(sid, None)
+        self.pending_opens.discard(sid)
         if self._idle_waiters and not self.streams:
             self._idle()
 
@@ -239,6 +253,7 @@ class Session:
             self._timer.cancel()
         self._timer = None
         streams, self.streams = self.streams, {}
+        self.pending_opens = set()
         for handler in streams.values():
             handler.tunnelLost(code, reason)
         if self.on_close is not None:

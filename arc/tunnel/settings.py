@@ -20,6 +20,8 @@ def parse_limits(node):
         dead_after=section.positive("dead_after", float, Limits.dead_after),
         open_timeout=section.positive("open_timeout", float, Limits.open_timeout),
         drain_timeout=section.positive("drain_timeout", float, Limits.drain_timeout),
+        max_pending_opens=section.positive("max_pending_opens", int,
+                                           Limits.max_pending_opens),
     )
     if limits.max_frame > 16 * 1024 * 1024:
         raise section.error("max_frame", "must be at most 16 MiB")
