@@ -117,23 +117,24 @@ class Chain:
 
     # -- kubectl ----------------------------------------------------------------
 
-    def kubectl(self, *args, kubeconfig=None, stdin=None, timeout=60, check=True, context=None):
-        argv = [self.kubectl_bin, "--kubeconfig", kubeconfig or self.files.kubeconfig,
+    def kubectl(self, *args, kubeconfig=None, stdin=None, timeout=60, check=True, context=None,
+                env=None, binary=None):
+        argv = [binary or self.kubectl_bin, "--kubeconfig", kubeconfig or self.files.kubeconfig,
                 "--cache-dir", self.cache]
         if context:
             argv += ["--context", context]
         result = subprocess.run(argv + list(args), input=stdin, capture_output=True,
-                                timeout=timeout, text=True)
+                                timeout=timeout, text=True, env=env)
         if check and result.returncode != 0:
             raise AssertionError("kubectl %s failed (%d): %s%s" % (
                 " ".join(args), result.returncode, result.stdout, result.stderr))
         return result
 
-    def kubectl_background(self, *args):
+    def kubectl_background(self, *args, env=None):
         argv = [self.kubectl_bin, "--kubeconfig", self.files.kubeconfig,
                 "--cache-dir", self.cache] + list(args)
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=env)
 
 
 def read_until(proc, predicate, timeout):

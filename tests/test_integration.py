@@ -6,13 +6,14 @@ same tests run over both carriers (direct upgrade and WebSocket).
 
 import atexit
 import os
+import socket
 import tempfile
 import time
 import unittest as pyunit
 
 from twisted.trial import unittest
 
-from tests.chain import API_TOKEN, Chain, read_until, wait_for
+from tests.chain import API_TOKEN, Chain, free_port, read_until, wait_for
 
 CONFIGMAP = """\
 apiVersion: v1
@@ -135,6 +136,60 @@ class KubectlTestsMixin(ChainMixin):
     def test_exec_exit_code(self):
         result = self.kubectl("exec", "ticker", "--", "sh", "-c", "exit 3", check=False)
         self.assertEqual(result.returncode, 3)
+
+
+    def test_exec_over_spdy(self):
+        env = dict(os.environ, KUBECTL_REMOTE_COMMAND_WEBSOCKETS="false")
+        out = self.kubectl("exec", "-i", "ticker", "--", "cat", stdin="spdy stdin\n",
+                           env=env).stdout
+        self.assertEqual(out, "spdy stdin\n")
+        result = self.kubectl("exec", "ticker", "--", "sh", "-c", "exit 4", check=False,
+                              env=env)
+        self.assertEqual(result.returncode, 4)
+
+    def test_exec_with_kubectl_1_29(self):
+        """kubectl 1.29 speaks only SPDY for exec."""
+        old = os.path.join(os.path.dirname(self.chain.kubectl_bin), "kubectl.1.29")
+        if not os.path.exists(old):
+            self.fail("kubectl.1.29 is missing beside %s" % (self.chain.kubectl_bin,))
+        out = self.kubectl("exec", "ticker", "--", "echo", "old", "kubectl", binary=old).stdout
+        self.assertEqual(out.strip(), "old kubectl")
+
+    def test_attach(self):
+        out = self.kubectl("attach", "-i", "ticker", stdin="attached line\n").stdout
+        self.assertIn("attached line", out)
+
+    def test_cp_both_ways(self):
+        local = os.path.join(self.base, "cp-%s.bin" % self.transport)
+        data = os.urandom(50000)
+        with open(local, "wb") as f:
+            f.write(data)
+        self.kubectl("cp", local, "ticker:/tmp/copied.bin")
+        back = local + ".back"
+        self.kubectl("cp", "ticker:/tmp/copied.bin", back)
+        with open(back, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    def test_port_forward(self):
+        for env in ({}, {"KUBECTL_PORT_FORWARD_WEBSOCKETS": "false"}):
+            port = free_port()
+            forward = self.chain.kubectl_background(
+                "port-forward", "pod/ticker", "%d:8080" % port,
+                env=dict(os.environ, **env))
+            try:
+                read_until(forward, lambda text: "Forwarding from" in text, 30)
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                    conn.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+                    answer = b""
+                    while b"hello from" not in answer:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        answer += chunk
+                self.assertIn(b"hello from ticker:8080", answer, env)
+            finally:
+                forward.kill()
+                forward.wait(10)
 
 
 class KubectlOverTunnel(KubectlTestsMixin, unittest.TestCase):
