@@ -11,6 +11,7 @@ from arc.kube.kubeconfig import load_upstream
 from arc.relay.relay import AGENT_PATH
 from arc.service import ConfigOptions, parsed_config
 from arc.tunnel.dial import TunnelDialer
+from arc.tunnel.replicas import replica_dialers
 
 
 class Options(ConfigOptions):
@@ -53,6 +54,9 @@ class AgentService(MultiService):
             extra_headers={"Arc-Cluster": cfg.cluster}, what="agent",
             ws_mask=cfg.relay.websocket_mask, proxy=cfg.relay.proxy,
             backoff=cfg.relay.backoff(), drain_timeout=cfg.limits.drain_timeout)
+        # A tunnel to every relay replica, each a copy of this dialer pinned
+        # to one address (arc.tunnel.replicas).
+        self.dialer = replica_dialers(reactor, cfg.relay, self.dialer.pinned)
         self.dialer.setServiceParent(self)
         credential_service = getattr(cfg.relay.credential, "service", None)
         if credential_service is not None:

@@ -69,7 +69,10 @@ class ProxyService(MultiService):
             make_session=self._make_session, tls_options=cfg.relay.tls_options(),
             transport=cfg.relay.transport, what="user", ws_mask=cfg.relay.websocket_mask,
             proxy=cfg.relay.proxy, backoff=cfg.relay.backoff(),
-            drain_timeout=cfg.limits.drain_timeout)
+            drain_timeout=cfg.limits.drain_timeout,
+            # One tunnel is enough (any relay replica serves any cluster); with
+            # relay.addresses each new attempt goes to the next replica.
+            addresses=cfg.relay.addresses or None)
         self.dialer.setServiceParent(self)
         credential_service = getattr(cfg.relay.credential, "service", None)
         if credential_service is not None:

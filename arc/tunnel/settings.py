@@ -45,6 +45,10 @@ class RelayLink:
     proxy: Optional[str] = None
     reconnect_initial: float = 0.5
     reconnect_max: float = 30.0
+    # Relay replicas: dial these addresses (TLS still checks the URL's name);
+    # empty: resolve the URL's host name every resolve_interval seconds.
+    addresses: tuple = ()
+    resolve_interval: float = 30.0
 
     def backoff(self):
         """The reconnection policy: full jitter between these bounds."""
@@ -95,6 +99,9 @@ def parse_relay_link(node):
         reconnect_initial=section.positive("reconnect_initial", float,
                                            RelayLink.reconnect_initial),
         reconnect_max=section.positive("reconnect_max", float, RelayLink.reconnect_max),
+        addresses=_addresses(section),
+        resolve_interval=section.positive("resolve_interval", float,
+                                          RelayLink.resolve_interval),
     )
     if link.reconnect_max < link.reconnect_initial:
         raise section.error("reconnect_max", "must be at least reconnect_initial (%s s)"
@@ -104,6 +111,28 @@ def parse_relay_link(node):
                             % (link.proxy,))
     section.finish()
     return link
+
+
+def _addresses(section):
+    """``addresses:`` IP addresses of the relay replicas (optional)."""
+    import ipaddress
+    if not section.has("addresses"):
+        return ()
+    value = section.get("addresses", list)
+    found = []
+    for item in value:
+        try:
+            address = str(ipaddress.ip_address(str(item).strip("[]")))
+        except ValueError:
+            raise section.error("addresses", "give IP addresses of the relay replicas (the "
+                                "certificate is checked against relay.url's host name), not "
+                                "%r" % (item,)) from None
+        if address not in found:
+            found.append(address)
+    if not found:
+        raise section.error("addresses", "is empty: leave it out to resolve relay.url's host "
+                            "name instead")
+    return tuple(found)
 
 
 def _cached_token(section):
