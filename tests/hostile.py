@@ -111,6 +111,11 @@ def read_head(sock, limit=65536):
 
 def read_all(sock, timeout):
     """What ``sock`` sends until it closes (or ``timeout`` passes)."""
+    return read_until_closed(sock, timeout)[0]
+
+
+def read_until_closed(sock, timeout):
+    """``(data, closed)``: what ``sock`` sent, and whether the peer closed it in time."""
     deadline = time.monotonic() + timeout
     data = b""
     while time.monotonic() < deadline:
@@ -118,13 +123,13 @@ def read_all(sock, timeout):
         try:
             chunk = sock.recv(65536)
         except (socket.timeout, ssl.SSLWantReadError):
-            break
+            return data, False
         except (OSError, ssl.SSLError):
-            break
+            return data, True
         if not chunk:
-            break
+            return data, True
         data += chunk
-    return data
+    return data, False
 
 
 def closed_by_peer(sock):

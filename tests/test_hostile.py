@@ -1,0 +1,297 @@
+"""Hostile load against the real processes: slow and silent connections,
+garbage on every port, and 10,000 idle watches through one agent tunnel.
+
+Every listener must keep serving legitimate users while it is flooded, close
+the offending connections (by the head timeout, or at once for garbage, with
+a reason in its log), never die, and keep its memory bounded.
+"""
+
+import json
+import os
+import random
+import selectors
+import socket
+import ssl
+import struct
+import time
+
+from twisted.trial import unittest
+
+from arc.tunnel import frames as F
+from tests.hostile import (HostileChain, raise_fd_limit, read_head, read_until_closed, rss,
+                           wait_for)
+
+HEAD_TIMEOUT = 3.0
+FLOOD = 300
+GARBAGE = 1000
+RSS_BOUND = 20 * 1024 * 1024
+
+
+def _short_timeouts(data):
+    data["head_timeout"] = HEAD_TIMEOUT
+
+
+def _start_chain(test, **kw):
+    base = os.path.abspath(test.mktemp())
+    os.makedirs(base)
+    chain = HostileChain(base, relay_change=_short_timeouts, client_change=_short_timeouts,
+                         tunnel={"ping_interval": 1.0, "dead_after": 5.0}, **kw)
+    test.addCleanup(chain.stop)
+    chain.start()
+    return chain
+
+
+def client_hello_prefix(server_name="localhost"):
+    """The first bytes of a real TLS ClientHello (the handshake never completes)."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    return hello[:len(hello) // 2]
+
+
+def wait_all_closed(socks, timeout):
+    """Sockets the peer has not closed after ``timeout`` (an empty list: all closed)."""
+    selector = selectors.DefaultSelector()
+    open_ = set()
+    for sock in socks:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+        open_.add(sock)
+    deadline = time.monotonic() + timeout
+    try:
+        while open_ and time.monotonic() < deadline:
+            for key, _ in selector.select(min(0.5, max(0.01, deadline - time.monotonic()))):
+                sock = key.fileobj
+                try:
+                    while True:
+                        data = sock.recv(65536)
+                        if not data:
+                            raise EOFError
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    continue
+                except (EOFError, OSError, ssl.SSLError):
+                    selector.unregister(sock)
+                    open_.discard(sock)
+    finally:
+        selector.close()
+    return list(open_)
+
+
+def close_all(socks):
+    for sock in socks:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+class SlowlorisTests(unittest.TestCase):
+    timeout = 120
+
+    def test_flood_of_slow_and_silent_connections(self):
+        raise_fd_limit(4 * FLOOD + 1024)
+        chain = _start_chain(self)
+        flood = []
+        self.addCleanup(close_all, flood)
+        relay_port, client_port = chain.files.relay_port, chain.files.client_port
+        hello = client_hello_prefix()
+        slow = []
+        per = FLOOD // 6
+        for port in (relay_port, client_port):
+            # Nothing at all.
+            for _ in range(per):
+                flood.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            # Half a ClientHello: a TLS handshake that never completes.
+            for _ in range(per):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.sendall(hello)
+                flood.append(sock)
+        # A request head, one byte at a time, over TLS.
+        for _ in range(per):
+            sock = chain.relay_tls()
+            slow.append((sock, b"GET /arc/v1/client HTTP/1.1\r\nHost: localhost\r\n"
+                               b"X-Slow: " + b"a" * 200))
+        for _ in range(per):
+            sock = chain.client_tls()
+            slow.append((sock, b"GET /api/v1/namespaces/default/pods HTTP/1.1\r\n"
+                               b"Host: localhost\r\nX-Slow: " + b"a" * 200))
+        flood.extend(sock for sock, _ in slow)
+        started = time.monotonic()
+        self.assertGreaterEqual(len(flood), FLOOD)
+
+        # While the flood is on, kubectl gets its answer within a bound.
+        kubectl = chain.kubectl_background("get", "--raw", "/version")
+        self.addCleanup(lambda: kubectl.poll() is None and kubectl.kill())
+        answered = None
+        for step in range(int((HEAD_TIMEOUT + 2) / 0.25)):
+            for sock, text in slow:
+                if step < len(text):
+                    try:
+                        sock.send(text[step:step + 1])
+                    except OSError:
+                        pass
+            if answered is None and kubectl.poll() is not None:
+                answered = time.monotonic() - started
+            time.sleep(0.25)
+        out, err = kubectl.communicate(timeout=30)
+        if answered is None:
+            answered = time.monotonic() - started
+        self.assertEqual(kubectl.returncode, 0, err)
+        self.assertIn(b"gitVersion", out)
+        self.assertLess(answered, 10.0)
+
+        # Every flood connection is closed by the head timeout.
+        left = wait_all_closed(flood, HEAD_TIMEOUT + 5)
+        self.assertEqual(left, [], "%d of %d flood connections still open"
+                         % (len(left), len(flood)))
+        for name in ("relay", "agent", "client"):
+            self.assertTrue(chain.parts[name].running(), name)
+        # One log line for the whole flood, per listener.
+        relay_log = chain.parts["relay"].output()
+        client_log = chain.parts["client"].output()
+        self.assertEqual(relay_log.count("request head not complete"), 1, relay_log[-3000:])
+        self.assertEqual(client_log.count("no complete TLS handshake"), 1, client_log[-3000:])
+        # And the chain still answers afterwards.
+        chain.kubectl("get", "--raw", "/version")
+        print("\nslowloris: %d connections, kubectl answered in %.2f s, all closed"
+              % (len(flood), answered))
+
+
+def _frame(ftype, flags, sid, length, payload=b"", version=F.VERSION):
+    return struct.pack("!BBHII", version, ftype, flags, sid, length) + payload
+
+
+def fuzzed_frames(rng):
+    """Tunnel input that breaks the framing rules, in several ways."""
+    kind = rng.randrange(8)
+    if kind == 0:
+        return bytes(rng.getrandbits(8) for _ in range(rng.randrange(12, 600)))
+    if kind == 1:
+        return _frame(F.DATA, F.SYN, 1, 5, b"hello", version=rng.choice([0, 2, 9, 255]))
+    if kind == 2:
+        return _frame(rng.randrange(4, 256), 0, 0, 0)
+    if kind == 3:
+        return _frame(F.DATA, 0, 1, F.DEFAULT_MAX_FRAME + rng.randrange(1, 1 << 30)) + b"x" * 64
+    if kind == 4:
+        return _frame(F.WINDOW_UPDATE, 0, 0, 100)
+    if kind == 5:
+        return _frame(F.DATA, F.SYN, 2, 0)          # the relay's own parity
+    if kind == 6:
+        return _frame(F.PING, 0x80, 0, 1)           # unknown flag
+    opened = _frame(F.DATA, F.SYN, 1, 2, b"{}")
+    return opened + _frame(F.DATA, F.SYN, 1, 2, b"{}")  # reopening a live stream
+
+
+def bad_websocket_frames(rng):
+    kind = rng.randrange(4)
+    if kind == 0:
+        return bytes(rng.getrandbits(8) for _ in range(rng.randrange(2, 300)))
+    if kind == 1:
+        return b"\x8b\x80" + os.urandom(4)          # reserved opcode 0xB
+    if kind == 2:
+        return b"\xf2\x80" + os.urandom(4) + b"x"   # reserved bits set
+    return b"\x82\xff" + struct.pack("!Q", 1 << 62) + os.urandom(4)  # absurd length
+
+
+def websocket_head(token):
+    return ("GET /arc/v1/client HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: arc-tunnel.v1\r\n"
+            "Authorization: Bearer %s\r\n\r\n" % token).encode()
+
+
+class GarbageTests(unittest.TestCase):
+    timeout = 180
+
+    def relay_garbage(self, chain, rng, count):
+        """``count`` garbage connections to the relay, in batches; returns their kinds."""
+        token = chain.token(chain.files.user_token_file)
+        kinds = {"tls": 0, "http": 0, "frames": 0, "websocket": 0}
+        done = 0
+        while done < count:
+            batch = []
+            try:
+                for i in range(min(100, count - done)):
+                    kind = ("tls", "http", "frames", "frames", "websocket")[(done + i) % 5]
+                    kinds[kind] += 1
+                    if kind == "tls":
+                        sock = socket.create_connection(("127.0.0.1", chain.files.relay_port),
+                                                        timeout=10)
+                        sock.sendall(os.urandom(rng.randrange(1, 2000)))
+                    elif kind == "http":
+                        sock = chain.relay_tls()
+                        sock.sendall(os.urandom(rng.randrange(1, 2000)) + b"\r\n\r\n")
+                    elif kind == "frames":
+                        sock = chain.relay_tls()
+                        head, rest = chain.upgrade(sock, "/arc/v1/client", token)
+                        self.assertIn(b" 101 ", head.split(b"\r\n")[0])
+                        sock.sendall(fuzzed_frames(rng))
+                    else:
+                        sock = chain.relay_tls()
+                        sock.sendall(websocket_head(token))
+                        head, rest = read_head(sock)
+                        self.assertIn(b" 101 ", head.split(b"\r\n")[0])
+                        sock.sendall(bad_websocket_frames(rng))
+                    batch.append(sock)
+                left = wait_all_closed(batch, 15)
+                self.assertEqual(left, [], "%d garbage connections left open" % len(left))
+            finally:
+                close_all(batch)
+            done += len(batch)
+        return kinds
+
+    def test_garbage_on_every_port(self):
+        raise_fd_limit(2048)
+        chain = _start_chain(self)
+        relay = chain.parts["relay"]
+        rng = random.Random(20261125)
+        # Warm up (first allocations, caches), then measure.
+        self.relay_garbage(chain, rng, 200)
+        before = rss(relay.pid)
+        started = time.monotonic()
+        kinds = self.relay_garbage(chain, rng, GARBAGE)
+        elapsed = time.monotonic() - started
+        after = rss(relay.pid)
+        self.assertTrue(relay.running())
+        self.assertLess(after - before, RSS_BOUND,
+                        "relay RSS grew by %.1f MiB over %d garbage connections"
+                        % ((after - before) / 2 ** 20, GARBAGE))
+        # Random bytes as a kubectl request, through the chain to the guard,
+        # and TLS garbage to the client proxy.
+        socks = []
+        answers = []
+        try:
+            for i in range(100):
+                with chain.client_tls() as sock:
+                    sock.sendall(os.urandom(rng.randrange(1, 1000)).replace(b"\r\n\r\n", b"")
+                                 + b"\r\n\r\n")
+                    answer, closed = read_until_closed(sock, 10)
+                self.assertTrue(closed, answer)
+                answers.append(answer)
+            for i in range(50):
+                sock = socket.create_connection(("127.0.0.1", chain.files.client_port),
+                                                timeout=10)
+                sock.sendall(os.urandom(rng.randrange(1, 2000)))
+                socks.append(sock)
+            self.assertEqual(wait_all_closed(socks, 15), [])
+        finally:
+            close_all(socks)
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 4")]
+        self.assertGreaterEqual(len(refused), 90, answers[:3])
+        for name in ("relay", "agent", "client"):
+            self.assertTrue(chain.parts[name].running(), name)
+        chain.kubectl("get", "--raw", "/version")
+        # Each offending tunnel was closed with its reason in the relay's log.
+        log = relay.output()
+        for reason in ("unsupported tunnel protocol version", "unknown frame type",
+                       "exceeds the limit"):
+            self.assertIn(reason, log)
+        print("\ngarbage: %d connections to the relay (%s) in %.1f s; relay RSS %.1f -> %.1f "
+              "MiB (%+.1f MiB); 150 to the client proxy, %d answered 4xx by the guard"
+              % (GARBAGE, ", ".join("%s %d" % kv for kv in sorted(kinds.items())), elapsed,
+                 before / 2 ** 20, after / 2 ** 20, (after - before) / 2 ** 20, len(refused)))
