@@ -13,7 +13,6 @@ import time
 
 from arc import demo
 from arc.client.localca import SERVER_NAME_SUFFIX
-from arc.testing.procs import wait_for  # noqa: F401 (for the tests)
 from tests.chain import Chain
 
 

@@ -7,8 +7,6 @@ test runs the real relay process with small limits.
 
 import json
 import os
-import socket
-import ssl
 import types
 
 from twisted.internet.task import Clock
@@ -339,7 +337,8 @@ class RelayProcessLimitTest(unittest.TestCase):
     timeout = 120
 
     def test_limits_in_the_real_chain(self):
-        from tests.hostile import HostileChain, wait_for
+        from arc.testing.procs import wait_for
+        from tests.hostile import HostileChain
 
         def limits(data):
             data["limits"] = {"max_agent_tunnels_per_cluster": 1, "max_streams_per_user": 2}
