@@ -15,11 +15,21 @@ import ssl
 import struct
 import time
 
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
+from arc import pki
+from arc.relay.relay import CLIENT_PATH
+from arc.tls import client_options, server_options
 from arc.tunnel import frames as F
-from tests.hostile import (HostileChain, raise_fd_limit, read_head, read_until_closed, rss,
-                           wait_for)
+from arc.tunnel.carrier import RawDialerFactory
+from arc.tunnel.session import Limits, Session
+from arc.tunnel.stream import Stream
+from tests.chain import API_TOKEN
+from tests.hostile import HostileChain, raise_fd_limit, read_head, read_until_closed, rss
 
 HEAD_TIMEOUT = 3.0
 FLOOD = 300
@@ -295,3 +305,196 @@ class GarbageTests(unittest.TestCase):
               "MiB (%+.1f MiB); 150 to the client proxy, %d answered 4xx by the guard"
               % (GARBAGE, ", ".join("%s %d" % kv for kv in sorted(kinds.items())), elapsed,
                  before / 2 ** 20, after / 2 ** 20, (after - before) / 2 ** 20, len(refused)))
+
+
+# -- 10,000 idle watches ----------------------------------------------------------
+
+WATCHES = int(os.environ.get("ARC_TEST_WATCHES", "10000"))
+WATCH_PATH = "/api/v1/namespaces/default/pods?watch=true"
+CHUNKED_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+class WatchBackend(Protocol):
+    """Holds every watch it is sent; ``emit()`` then sends each one event."""
+
+    def __init__(self, held):
+        self.held = held
+        self.buf = b""
+        self.watching = False
+
+    def dataReceived(self, data):
+        if self.watching:
+            return
+        self.buf += data
+        if b"\r\n\r\n" not in self.buf:
+            return
+        head = self.buf.decode("latin-1")
+        if (WATCH_PATH not in head.split("\r\n", 1)[0]
+                or "authorization: bearer %s" % API_TOKEN.lower() not in head.lower()):
+            self.transport.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+            return
+        self.watching = True
+        self.buf = b""
+        self.transport.write(CHUNKED_HEAD)
+        self.held.append(self)
+
+    def emit(self, n):
+        event = json.dumps({"type": "ADDED", "object": {"kind": "Pod", "apiVersion": "v1",
+                                                         "metadata": {"name": "pod-%d" % n}}})
+        body = event.encode() + b"\n"
+        self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+
+
+class WatchReader(Protocol):
+    def __init__(self):
+        self.buf = b""
+        self.head = False
+        self.event = False
+        self.lost = None
+
+    def dataReceived(self, data):
+        if len(self.buf) < 4096:
+            self.buf += data
+        if not self.head and self.buf.startswith(b"HTTP/1.1 200 "):
+            self.head = True
+        if not self.event and b'"type": "ADDED"' in self.buf:
+            self.event = True
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+class WatchChain(HostileChain):
+    """Relay and agent processes; the agent's API server is a WatchBackend."""
+
+    backend_kubeconfig = None
+
+    def start_api(self):
+        os.makedirs(self.api_dir, exist_ok=True)
+        with open(os.path.join(self.api_dir, "kubeconfig"), "w") as f:
+            f.write(self.backend_kubeconfig)
+
+
+class WatchScaleTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def wait(self, predicate, what, timeout):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                self.fail("timed out after %.0f s waiting for %s" % (timeout, what))
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_ten_thousand_idle_watches(self):
+        limit = raise_fd_limit(2 * WATCHES + 2048)
+        watches = min(WATCHES, limit - 1024)
+        if watches < WATCHES:
+            self.assertGreaterEqual(watches, 2000, "the descriptor limit allows only %d" % limit)
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        ca, ca_key = pki.new_ca("watch test CA")
+        cert, key = pki.issue(ca, ca_key, "backend", ips=["127.0.0.1"])
+        held = []
+        backend = reactor.listenTCP(
+            0, TLSMemoryBIOFactory(server_options(cert, key), False,
+                                   Factory.forProtocol(lambda: WatchBackend(held))),
+            backlog=1024, interface="127.0.0.1")
+        self.addCleanup(backend.stopListening)
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in held])
+        import base64
+        WatchChain.backend_kubeconfig = json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "backend",
+            "clusters": [{"name": "backend", "cluster": {
+                "server": "https://127.0.0.1:%d" % backend.getHost().port,
+                "certificate-authority-data": base64.b64encode(ca).decode()}}],
+            "users": [{"name": "u", "user": {"token": API_TOKEN}}],
+            "contexts": [{"name": "backend", "context": {"cluster": "backend", "user": "u"}}]})
+
+        def limits(data):
+            data["limits"] = {"max_streams_per_user": 2 * watches}
+
+        chain = WatchChain(base, relay_change=limits, with_client=False,
+                           tunnel={"max_streams": 2 * watches,
+                                   "max_pending_opens": 1000})
+        self.addCleanup(chain.stop)
+        chain.start()
+        relay, agent = chain.parts["relay"], chain.parts["agent"]
+
+        # One client tunnel from this process, as arc-client would open it.
+        with open(chain.ca_file, "rb") as f:
+            relay_ca = f.read()
+        session_limits = Limits(max_streams=2 * watches, max_pending_opens=500)
+        factory = RawDialerFactory(
+            "localhost", CLIENT_PATH,
+            {"Authorization": "Bearer " + chain.token(chain.files.user_token_file)},
+            lambda: Session(dialer=True, clock=reactor, limits=session_limits,
+                            name="watch-test"), reactor)
+        endpoint = wrapClientTLS(client_options("localhost", ca_pem=relay_ca),
+                                 TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                                    chain.files.relay_port))
+        protocol = yield endpoint.connect(factory)
+        session = yield protocol.upgraded
+        self.addCleanup(session.close)
+        # The agent's tunnel is up once a first watch gets its answer head.
+        request = ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+                   "Accept: application/json\r\n\r\n" % (WATCH_PATH, API_TOKEN)).encode()
+        metadata = json.dumps({"cluster": "demo"}).encode()
+        readers = []
+
+        def open_watch():
+            stream = Stream(session, metadata)
+            stream.opened(session.open(stream, metadata), 60)
+            reader = WatchReader()
+            stream.attach(reader)
+            stream.write(request)
+            readers.append(reader)
+            return reader
+
+        for _ in range(100):
+            first = open_watch()
+            yield self.wait(lambda: first.head or first.lost, "a first watch", 10)
+            if first.head:
+                break
+            readers.remove(first)
+            yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertTrue(first.head, "no watch got through: %r" % (first.buf,))
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        before = {"relay": rss(relay.pid), "agent": rss(agent.pid)}
+
+        started = time.monotonic()
+        while len(readers) < watches:
+            if len(session.pending_opens) >= session_limits.max_pending_opens:
+                yield task.deferLater(reactor, 0.005, lambda: None)
+                continue
+            open_watch()
+        yield self.wait(lambda: len(held) >= watches or any(r.lost for r in readers),
+                        "the backend to hold every watch", 150)
+        yield self.wait(lambda: all(r.head for r in readers) or any(r.lost for r in readers),
+                        "every watch's answer head", 30)
+        opened_in = time.monotonic() - started
+        lost = [r for r in readers if r.lost is not None]
+        self.assertEqual(lost, [], "%d watches ended: %s" % (len(lost), lost[:1] and
+                                                             lost[0].lost.getErrorMessage()))
+        self.assertEqual(len(held), watches)
+        # Idle for a while: nothing closes them.
+        yield task.deferLater(reactor, 2.0, lambda: None)
+        after = {"relay": rss(relay.pid), "agent": rss(agent.pid)}
+        self.assertEqual([r for r in readers if r.lost is not None], [])
+
+        # One event to each watch, and each one gets it.
+        for n, watch in enumerate(held):
+            watch.emit(n)
+        yield self.wait(lambda: all(r.event for r in readers) or any(r.lost for r in readers),
+                        "every watch's event", 60)
+        self.assertEqual([r for r in readers if not r.event], [])
+        self.assertTrue(relay.running() and agent.running())
+        per = {name: (after[name] - before[name]) / float(watches) for name in before}
+        print("\n%d idle watches through one agent tunnel, opened in %.1f s; memory per stream:"
+              " relay %.1f KiB (RSS %.0f -> %.0f MiB), agent %.1f KiB (RSS %.0f -> %.0f MiB, "
+              "incl. its TLS connection to the API server)"
+              % (watches, opened_in, per["relay"] / 1024, before["relay"] / 2 ** 20,
+                 after["relay"] / 2 ** 20, per["agent"] / 1024, before["agent"] / 2 ** 20,
+                 after["agent"] / 2 ** 20))
