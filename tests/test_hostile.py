@@ -498,3 +498,68 @@ class WatchScaleTests(unittest.TestCase):
               % (watches, opened_in, per["relay"] / 1024, before["relay"] / 2 ** 20,
                  after["relay"] / 2 ** 20, per["agent"] / 1024, before["agent"] / 2 ** 20,
                  after["agent"] / 2 ** 20))
+
+
+class StandaloneGuardSlowlorisTests(unittest.TestCase):
+    """The standalone guard's listener: silent and slow connections are closed
+    by its idle_timeout (the wait for a complete request head) while kubectl
+    keeps getting answers."""
+
+    timeout = 120
+
+    def test_flood_of_slow_and_silent_connections(self):
+        import yaml
+        from arc.testing.procs import Part, port_in_use, twist, wait_for
+        from tests.test_guard_standalone import StandaloneGuard
+        raise_fd_limit(1024)
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        guard = StandaloneGuard(base)
+        self.addCleanup(guard.stop)
+        guard.start()
+        # Restart the guard with a short idle_timeout.
+        guard.parts["guard"].stop()
+        with open(guard.config) as f:
+            config = yaml.safe_load(f)
+        config["guard"]["idle_timeout"] = HEAD_TIMEOUT
+        with open(guard.config, "w") as f:
+            yaml.safe_dump(config, f)
+        part = guard.parts["guard"] = Part("guard", twist("arc-guard", guard.config),
+                                           os.path.join(base, "guard-2.log")).start()
+        wait_for(lambda: port_in_use(guard.port), 30, "the guard to listen again", alive=part)
+        flood = []
+        self.addCleanup(close_all, flood)
+        hello = client_hello_prefix("127.0.0.1")
+        for _ in range(50):
+            flood.append(socket.create_connection(("127.0.0.1", guard.port), timeout=5))
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", guard.port), timeout=5)
+            sock.sendall(hello)
+            flood.append(sock)
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        slow = []
+        for _ in range(50):
+            sock = context.wrap_socket(socket.create_connection(("127.0.0.1", guard.port),
+                                                                timeout=5))
+            slow.append(sock)
+        flood.extend(slow)
+        text = b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
+        started = time.monotonic()
+        answer = guard.kubectl("get", "--raw", "/version", timeout=30)
+        answered = time.monotonic() - started
+        self.assertIn("gitVersion", answer.stdout)
+        self.assertLess(answered, 10.0)
+        for step in range(int((HEAD_TIMEOUT + 2) / 0.25)):
+            for sock in slow:
+                try:
+                    sock.send(text[step:step + 1])
+                except OSError:
+                    pass
+            time.sleep(0.25)
+        left = wait_all_closed(flood, HEAD_TIMEOUT + 5)
+        self.assertEqual(left, [], "%d of %d flood connections still open"
+                         % (len(left), len(flood)))
+        self.assertTrue(part.running())
+        guard.kubectl("get", "--raw", "/version")

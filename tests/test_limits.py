@@ -306,6 +306,24 @@ class HeadTimeoutTests(unittest.TestCase):
         clock.advance(3600)
         self.assertFalse(busy_t.disconnecting)
 
+    def test_guard_slow_head_answered_408(self):
+        clock = Clock()
+        guard = FakeGuard(static_authenticator())
+        guard.cfg = types.SimpleNamespace(idle_timeout=30.0)
+        guard.upstream.reactor = clock
+        slow = GuardProtocol(guard, "peer")
+        transport = StringTransport()
+        slow.makeConnection(transport)
+        for byte in request(headers=[("X-Pad", "a" * 100)])[:-4]:
+            if transport.disconnecting:
+                break
+            slow.dataReceived(bytes([byte]))
+            clock.advance(0.25)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertIn(b"idle_timeout", transport.value())
+        self.assertEqual(guard.upstream.connections, [])
+
 
 class RateLimitedLogTests(unittest.TestCase):
     def test_one_line_per_key_and_interval(self):

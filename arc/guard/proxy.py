@@ -133,7 +133,7 @@ class GuardProtocol(Protocol):
         self._arm_idle()
 
     def _arm_idle(self):
-        """Time the wait for the next request (only between requests)."""
+        """Time the wait for the next complete request head (only between requests)."""
         timeout = getattr(getattr(self.guard, "cfg", None), "idle_timeout", None)
         clock = getattr(getattr(self.guard, "upstream", None), "reactor", None)
         if timeout and clock is not None and self._idle_timer is None:
@@ -147,11 +147,17 @@ class GuardProtocol(Protocol):
 
     def _idle_expired(self, timeout):
         self._idle_timer = None
-        if self.state == HEAD and not self._in and self._resp_state is None:
-            self.log.debug("guard: connection idle for {t} s between requests; closing",
-                           t=timeout)
-            self.state = CLOSED
-            self.transport.loseConnection()
+        if self.state != HEAD or self._resp_state is not None:
+            return
+        if self._in:
+            # A head sent a byte now and then (slowloris): answered and closed.
+            self._refuse(408, "request head not complete within %.0f s (guard idle_timeout)"
+                         % (timeout,))
+            return
+        self.log.debug("guard: connection idle for {t} s between requests; closing",
+                       t=timeout)
+        self.state = CLOSED
+        self.transport.loseConnection()
 
     def dataReceived(self, data):
         if self.state == SPLICED:
@@ -160,8 +166,6 @@ class GuardProtocol(Protocol):
             return
         if self.state == CLOSED:
             return
-        if self._idle_timer is not None:
-            self._disarm_idle()
         self._in += data
         self._advance()
 
@@ -201,6 +205,8 @@ class GuardProtocol(Protocol):
                     end = http1.split_head(self._in)
                     if end < 0:
                         return
+                    if self._idle_timer is not None:
+                        self._disarm_idle()
                     raw = bytes(self._in[:end])
                     del self._in[:end]
                     head = http1.parse_head(raw)
@@ -485,7 +491,7 @@ class GuardProtocol(Protocol):
             return
         if self.state == WAIT:
             self._advance()
-        if self.state == HEAD and not self._in:
+        if self.state == HEAD:
             self._arm_idle()
 
     def _detach(self, side):
