@@ -14,6 +14,8 @@ from arc.tunnel.stream import Stream
 
 class Agent:
     log = Logger()
+    # Told ``watch(stream)`` of every stream accepted (arc.ops.tunnelend); None: nobody.
+    stream_observer = None
 
     def __init__(self, reactor, cluster, upstream, limits, guard=None):
         self.reactor = reactor
@@ -46,6 +48,8 @@ class Agent:
         stream = Stream(session, metadata)
         stream.accept(sid)
         self.streams_total += 1
+        if self.stream_observer is not None:
+            self.stream_observer.watch(stream)
         if self.guard is not None:
             # The guard reads and writes the stream directly: no loopback hop.
             stream.attach(self.guard.protocol(peer="relay user %s" % (meta.get("user"),)))

@@ -5,6 +5,7 @@ from typing import Optional
 
 from arc import config
 from arc.guard.guard import GuardConfig, parse_guard
+from arc.metrics import parse_metrics
 from arc.tunnel.session import Limits
 from arc.tunnel.settings import RelayLink, parse_limits, parse_relay_link
 
@@ -19,6 +20,7 @@ class AgentConfig:
     limits: Limits
     connect_timeout: float
     guard: GuardConfig
+    metrics: object = None     # arc.metrics.MetricsSettings, or None
 
 
 def load_agent_config(path):
@@ -34,6 +36,7 @@ def load_agent_config(path):
         limits=parse_limits(node),
         connect_timeout=upstream.positive("connect_timeout", float, 10.0),
         guard=parse_guard(node),
+        metrics=parse_metrics(node),
     )
     upstream.finish()
     node.finish()

@@ -2,6 +2,7 @@
 
 from twisted.application.service import MultiService
 
+from arc import __version__
 from arc.agent.agent import Agent
 from arc.agent.config import load_agent_config
 from arc.guard.guard import Guard
@@ -51,13 +52,19 @@ class AgentService(MultiService):
             reactor, relay_url=cfg.relay.url, path=AGENT_PATH,
             credential=cfg.relay.credential, make_session=self.agent.make_session,
             tls_options=cfg.relay.tls_options(), transport=cfg.relay.transport,
-            extra_headers={"Arc-Cluster": cfg.cluster}, what="agent",
+            extra_headers={"Arc-Cluster": cfg.cluster, "Arc-Version": __version__},
+            what="agent",
             ws_mask=cfg.relay.websocket_mask, proxy=cfg.relay.proxy,
             backoff=cfg.relay.backoff(), drain_timeout=cfg.limits.drain_timeout)
         # A tunnel to every relay replica, each a copy of this dialer pinned
         # to one address (arc.tunnel.replicas).
         self.dialer = replica_dialers(reactor, cfg.relay, self.dialer.pinned)
         self.dialer.setServiceParent(self)
+        if cfg.metrics is not None:
+            from arc.ops.tunnelend import tunnel_end_metrics
+            service, self.agent.stream_observer = tunnel_end_metrics(
+                "agent", cfg.metrics, reactor, self.dialer, guard=guard, file=cfg.file)
+            service.setServiceParent(self)
         credential_service = getattr(cfg.relay.credential, "service", None)
         if credential_service is not None:
             credential_service().setServiceParent(self)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from arc import config
+from arc.metrics import parse_metrics
 from arc.tunnel.session import Limits
 from arc.tunnel.settings import RelayLink, parse_limits, parse_relay_link
 
@@ -38,6 +39,7 @@ class ClientConfig:
     clusters: tuple
     limits: Limits
     control: Optional[str] = None
+    metrics: object = None     # arc.metrics.MetricsSettings, or None
     head_timeout: float = 10.0     # kubectl's TLS handshake and first request head
 
 
@@ -75,6 +77,7 @@ def load_client_config(path):
         clusters=tuple(clusters),
         limits=parse_limits(node),
         control=node.get("control", str, None),
+        metrics=parse_metrics(node),
         head_timeout=node.positive("head_timeout", float, 10.0),
     )
     node.finish()

@@ -125,6 +125,8 @@ class KubectlConnection(Protocol):
             self.answer(503, "cannot reach cluster %r: %s" % (cluster, e.reason))
             return
         stream.opened(sid, session.limits.open_timeout)
+        if self.proxy.stream_observer is not None:
+            self.proxy.stream_observer.watch(stream)
         self.pipe = ClientPipe(self)
         stream.attach(self.pipe)
         self.pipe.socket_connected(self.transport)

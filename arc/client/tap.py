@@ -41,6 +41,8 @@ class ProxyService(MultiService):
     """The client proxy: local listeners, one tunnel, kubeconfig contexts."""
 
     log = Logger()
+    # Told ``watch(stream)`` of every stream opened (arc.ops.tunnelend); None: nobody.
+    stream_observer = None
 
     def __init__(self, cfg, reactor):
         super().__init__()
@@ -84,6 +86,11 @@ class ProxyService(MultiService):
         if cfg.control:
             listen_service(reactor, cfg.control, control_factory(self), None, file=cfg.file,
                            key="control").setServiceParent(self)
+        if cfg.metrics is not None:
+            from arc.ops.tunnelend import tunnel_end_metrics
+            service, self.stream_observer = tunnel_end_metrics(
+                "client", cfg.metrics, reactor, self.dialer, file=cfg.file)
+            service.setServiceParent(self)
 
     def _make_session(self):
         session = Session(dialer=True, clock=self.reactor, limits=self.config.limits,

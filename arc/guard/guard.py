@@ -57,6 +57,8 @@ class Guard:
     """What every GuardProtocol of one process shares."""
 
     log = Logger()
+    # Told ``request(record)`` of every finished request (arc.ops.guardmetrics).
+    metrics = None
 
     def __init__(self, cfg, cluster, upstream):
         self.cfg = cfg

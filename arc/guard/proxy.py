@@ -567,6 +567,9 @@ class GuardProtocol(Protocol):
             record.decision = "allow"
         record.duration_ms = round((time.monotonic() - self._started) * 1000, 3)
         self.guard.audit.emit(record)
+        metrics = getattr(self.guard, "metrics", None)
+        if metrics is not None:
+            metrics.request(record)
 
     def _count_in(self, n):
         if self._record is not None:

@@ -9,6 +9,7 @@ audit records is the socket's address.  The file (see etc/guard.yaml)::
     tls: {cert_file: guard.crt, key_file: guard.key}   # required
     upstream: {kubeconfig: ..., context: ..., connect_timeout: 10}   # as in agent.yaml
     guard: {identity: ..., allow_impersonation: ..., audit: ..., token_refresh: ...}
+    metrics: {listen: "tcp:9090:interface=127.0.0.1"}   # optional: /metrics, /healthz, /readyz
 
 The ``guard:`` section is parsed by :func:`arc.guard.guard.parse_guard`, so
 its keys are exactly those of agent.yaml's ``guard:`` section.  SIGHUP
@@ -31,6 +32,7 @@ from arc.guard import sar
 from arc.guard.guard import Guard, GuardConfig, parse_guard
 from arc.guard.upstream import APIServer
 from arc.kube.kubeconfig import load_upstream
+from arc.metrics import parse_metrics
 from arc.service import ConfigOptions, bound_port, listen_service, parsed_config
 from arc.tls import server_options_from_files
 
@@ -46,6 +48,7 @@ class GuardFileConfig:
     context: Optional[str]
     connect_timeout: float
     guard: GuardConfig
+    metrics: object = None     # arc.metrics.MetricsSettings, or None
 
 
 def load_guard_config(path):
@@ -69,10 +72,11 @@ def load_guard_config(path):
     if not guard.enabled:
         raise node.error("guard.enabled", "the standalone guard cannot be disabled: remove "
                                           "guard.enabled (or stop running arc-guard)")
+    metrics = parse_metrics(node)
     node.finish()
     return GuardFileConfig(file=node.file, cluster=cluster, listen=listen, tls_cert=cert,
                            tls_key=key, kubeconfig=kubeconfig, context=context,
-                           connect_timeout=connect_timeout, guard=guard)
+                           connect_timeout=connect_timeout, guard=guard, metrics=metrics)
 
 
 class Options(ConfigOptions):
@@ -141,6 +145,10 @@ class GuardService(MultiService):
         self.listener = listen_service(reactor, cfg.listen, GuardServerFactory(self.guard), tls,
                                        file=cfg.file)
         self.listener.setServiceParent(self)
+        if cfg.metrics is not None:
+            from arc.ops.guardmetrics import guard_metrics
+            guard_metrics(cfg.metrics, reactor, self.guard, self.listener,
+                          file=cfg.file).setServiceParent(self)
 
     def startService(self):
         super().startService()

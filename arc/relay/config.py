@@ -5,6 +5,8 @@ from typing import Optional
 
 from arc import config
 from arc.identity.authenticator import parse_identity
+from arc.metrics import parse_metrics
+from arc.ops.statuspage import parse_status
 from arc.relay.registry import Registry, parse_registry
 from arc.relay.relay import parse_relay_limits
 from arc.tunnel.session import Limits
@@ -22,6 +24,8 @@ class RelayConfig:
     head_timeout: float
     websocket_require_mask: bool
     authenticator: object = None
+    metrics: object = None     # arc.metrics.MetricsSettings, or None
+    status: object = None      # arc.ops.statuspage.StatusSettings, or None (page off)
     relay_limits: object = None    # arc.relay.relay.RelayLimits (limits: section)
 
 
@@ -61,6 +65,8 @@ def load_relay_config(path):
         head_timeout=node.positive("head_timeout", float, 10.0),
         websocket_require_mask=node.get("websocket_require_mask", bool, False),
         authenticator=authenticator,
+        metrics=parse_metrics(node),
+        status=parse_status(node),
         relay_limits=parse_relay_limits(node),
     )
     node.finish()

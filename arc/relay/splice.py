@@ -20,7 +20,7 @@ _FIN = F.FIN
 
 
 class Half:
-    __slots__ = ("session", "id", "peer", "credit", "fin", "bytes", "on_end", "label")
+    __slots__ = ("session", "id", "peer", "credit", "fin", "bytes", "on_end", "label", "rst")
 
     def __init__(self, session, label, on_end=None):
         self.session = session
@@ -31,11 +31,13 @@ class Half:
         self.fin = False
         self.bytes = 0
         self.on_end = on_end
+        self.rst = None   # (code, reason) when a reset on this side ended the pair
 
     def frameReceived(self, ftype, flags, value, payload):
         peer = self.peer
         if ftype == _DATA:
             if flags & _RST:
+                self.rst = F.parse_rst(payload)
                 peer.session.send([_header(_DATA, flags, peer.id, len(payload)), payload])
                 self._end()
                 return
@@ -44,6 +46,7 @@ class Half:
                 self.credit -= n
                 if self.credit < 0:
                     reason = "sender exceeded its flow-control window"
+                    self.rst = (F.FLOW_CONTROL_ERROR, reason)
                     self.session.send_reset(self.id, F.FLOW_CONTROL_ERROR, reason)
                     peer.session.send_reset(peer.id, F.FLOW_CONTROL_ERROR, reason)
                     self._end()
@@ -66,6 +69,7 @@ class Half:
         if self.session.streams.get(self.id) is not self:
             return
         self.session.send_reset(self.id, code, reason)
+        self.rst = (code, reason)
         peer = self.peer
         if peer is not None:
             peer.session.send_reset(peer.id, code, reason)
@@ -74,8 +78,8 @@ class Half:
     def tunnelLost(self, code, reason):
         peer = self.peer
         if peer is not None:
-            peer.session.send_reset(peer.id, code, "%s lost its tunnel to the relay: %s"
-                                    % (self.label, reason))
+            self.rst = (code, "%s lost its tunnel to the relay: %s" % (self.label, reason))
+            peer.session.send_reset(peer.id, code, self.rst[1])
             peer.session.remove(peer.id)
         self._finish()
 

@@ -5,6 +5,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from arc.ops.relaywatch import RelayWatch
+from arc.ops.statuspage import StatusPage
 from arc.relay.config import load_relay_config
 from arc.relay.relay import Relay
 from arc.relay.reload import RegistryReloader
@@ -46,11 +48,18 @@ class RelayService(MultiService):
         else:
             self.log.warn("relay serves plain HTTP (insecure_plaintext): only behind a "
                           "TLS-terminating proxy")
-        factory = TunnelServerFactory(reactor, self.relay.accept, self.relay.plain,
+        # What operators see: tunnels, streams and refusals, the status page.
+        self.watch = RelayWatch(self.relay)
+        page = StatusPage(self.watch, cfg.status, self.relay.plain)
+        factory = TunnelServerFactory(reactor, self.watch.accept, page.plain,
                                       head_timeout=cfg.head_timeout,
                                       require_mask=cfg.websocket_require_mask)
         self.listener = listen_service(reactor, cfg.listen, factory, tls, file=cfg.file)
         self.listener.setServiceParent(self)
+        if cfg.metrics is not None:
+            from arc.ops.relaymetrics import relay_metrics
+            relay_metrics(cfg.metrics, reactor, self.watch, self.listener,
+                          file=cfg.file).setServiceParent(self)
         self.reloader = RegistryReloader(cfg.file, self.relay, reactor, interval=reload_interval)
         self.reloader.setServiceParent(self)
 

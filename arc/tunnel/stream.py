@@ -54,6 +54,9 @@ class Stream:
 
     disconnecting = False
     disconnected = False
+    # Told ``stream_acked(stream)`` at the first ACK and ``stream_ended(stream,
+    # reason)`` once, at the end (metrics: arc.ops.tunnelend); None: nobody.
+    observer = None
 
     def __init__(self, session, metadata=b"", *, window=F.INITIAL_WINDOW):
         self.session = session
@@ -130,6 +133,8 @@ class Stream:
             if self._open_timer is not None:
                 self._open_timer.cancel()
                 self._open_timer = None
+            if self.observer is not None:
+                self.observer.stream_acked(self)
         if ftype == F.WINDOW_UPDATE:
             if value:
                 self._send_window += value
@@ -294,6 +299,8 @@ class Stream:
         if producer is not None and self._source_paused:
             self._source_paused = False
             producer.resumeProducing()
+        if self.observer is not None:
+            self.observer.stream_ended(self, reason)
         if self.protocol is not None:
             protocol, self.protocol = self.protocol, None
             protocol.connectionLost(Failure(reason))

@@ -1,0 +1,1 @@
+"""What operators see of a running part: metrics, the relay's status page."""
