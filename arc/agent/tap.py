@@ -5,10 +5,8 @@ from twisted.application.service import MultiService
 from arc import __version__
 from arc.agent.agent import Agent
 from arc.agent.config import load_agent_config
-from arc.guard.guard import Guard
+from arc.guard.guard import Guard, load_target
 from arc.guard.upstream import APIServer
-from arc.errors import ConfigError
-from arc.kube.kubeconfig import load_upstream
 from arc.relay.relay import AGENT_PATH
 from arc.service import ConfigOptions, parsed_config
 from arc.tunnel.dial import TunnelDialer
@@ -23,17 +21,7 @@ class Options(ConfigOptions):
     @staticmethod
     def loader(path):
         cfg = load_agent_config(path)
-        try:
-            target = load_upstream(kubeconfig=cfg.kubeconfig, context=cfg.context)
-        except ConfigError as e:
-            if e.file is None:
-                raise ConfigError(e.reason, file=cfg.file, key="upstream") from None
-            raise
-        if cfg.guard.enabled and cfg.guard.impersonates and not (
-                target.token or target.token_file or target.client_cert_pem):
-            raise ConfigError("the guard impersonates callers, so it needs credentials of its "
-                              "own: the upstream (%s) has no token, token file or client "
-                              "certificate" % (target.source,), file=cfg.file, key="guard.identity")
+        target = load_target(cfg.file, cfg.kubeconfig, cfg.context, cfg.guard)
         return cfg, target
 
 

@@ -7,13 +7,11 @@ cluster. The CA is created once and then kept, since kubeconfigs depend on
 it; the serving certificate it signs is renewed whenever needed.
 """
 
-import contextlib
 import ipaddress
 import os
 import re
 import socket
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -24,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.ssl import CertificateOptions
 
+from arc import pki
 from arc.errors import ConfigError
 
 SERVER_NAME_SUFFIX = "arc.localhost"
@@ -233,21 +232,9 @@ def _read(path):
 
 
 def _write_private(path, data):
-    """Write ``data`` with mode 0600 atomically: temporary file, fsync, rename."""
-    directory, name = os.path.split(path)
+    """Write ``data`` with mode 0600 atomically (temporary file, fsync, rename)."""
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o600)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        pki.write_private(path, data)
     except OSError as e:
-        raise ConfigError(f"cannot write: {e.strerror}; fix the permissions of {directory}",
-                          file=path) from None
+        raise ConfigError(f"cannot write: {e.strerror}; fix the permissions of "
+                          f"{os.path.dirname(path)}", file=path) from None

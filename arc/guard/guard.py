@@ -5,9 +5,11 @@ from dataclasses import dataclass
 from twisted.application.internet import TimerService
 from twisted.logger import Logger
 
+from arc.errors import ConfigError
 from arc.guard.audit import parse_audit
 from arc.guard.proxy import GuardProtocol
 from arc.identity.authenticator import Authenticator, parse_identity
+from arc.kube.kubeconfig import load_upstream
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,22 @@ def parse_guard(node):
     )
     section.finish()
     return cfg
+
+
+def load_target(cfg_file, kubeconfig, context, guard):
+    """The API server (agent or standalone guard), checked against the guard's needs."""
+    try:
+        target = load_upstream(kubeconfig=kubeconfig, context=context)
+    except ConfigError as e:
+        if e.file is None:
+            raise ConfigError(e.reason, file=cfg_file, key="upstream") from None
+        raise
+    if guard.enabled and guard.impersonates and not (
+            target.token or target.token_file or target.client_cert_pem):
+        raise ConfigError("the guard impersonates callers, so it needs credentials of its "
+                          "own: the upstream (%s) has no token, token file or client "
+                          "certificate" % (target.source,), file=cfg_file, key="guard.identity")
+    return target
 
 
 class Guard:

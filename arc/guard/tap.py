@@ -27,11 +27,9 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from arc import config
-from arc.errors import ConfigError
 from arc.guard import sar
-from arc.guard.guard import Guard, GuardConfig, parse_guard
+from arc.guard.guard import Guard, GuardConfig, load_target, parse_guard
 from arc.guard.upstream import APIServer
-from arc.kube.kubeconfig import load_upstream
 from arc.metrics import parse_metrics
 from arc.service import ConfigOptions, bound_port, listen_service, parsed_config
 from arc.tls import server_options_from_files
@@ -88,18 +86,7 @@ class Options(ConfigOptions):
     @staticmethod
     def loader(path):
         cfg = load_guard_config(path)
-        try:
-            target = load_upstream(kubeconfig=cfg.kubeconfig, context=cfg.context)
-        except ConfigError as e:
-            if e.file is None:
-                raise ConfigError(e.reason, file=cfg.file, key="upstream") from None
-            raise
-        if cfg.guard.impersonates and not (target.token or target.token_file
-                                           or target.client_cert_pem):
-            raise ConfigError("the guard impersonates callers, so it needs credentials of its "
-                              "own: the upstream (%s) has no token, token file or client "
-                              "certificate" % (target.source,), file=cfg.file,
-                              key="guard.identity")
+        target = load_target(cfg.file, cfg.kubeconfig, cfg.context, cfg.guard)
         return cfg, target
 
 

@@ -12,10 +12,8 @@ replaces or removes a context that is not its own.
 
 import base64
 import binascii
-import contextlib
 import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -25,6 +23,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from arc.errors import ConfigError
+from arc.pki import write_private
 
 IN_CLUSTER_ROOT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -545,16 +544,4 @@ def _write_document(path, document, previous):
 
 def _replace_atomically(path, data, mode):
     """Write ``data`` to a temporary file beside ``path``, sync it, then rename it over."""
-    directory, name = os.path.split(path)
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    write_private(path, data, mode)
