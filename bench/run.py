@@ -16,7 +16,9 @@ reaches it several ways, and measures the same workloads through each:
     arc-ws      ``arc`` with the websocket transport
 
 Workloads: small GETs (wrk, 1 and 64 connections), a bulk download (curl),
-and the CPU time spent by the processes on each path.  Prints a table of
+head-of-line blocking (small GETs while a large download runs on the same path),
+connection set-up (new TLS connection to first response byte), and the CPU time
+spent by the processes on each path.  Prints a table of
 medians and what the guard costs per request (against arc-splice), and
 writes every sample to a JSON file and the tables to a Markdown file.
 
@@ -30,6 +32,7 @@ import base64
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import pwd
@@ -40,8 +43,10 @@ import signal
 import socket
 import statistics
 import subprocess
+import ssl
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,6 +63,7 @@ from arc import demo, pki  # noqa: E402
 
 PODS_PATH = "/api/v1/namespaces/default/pods"
 BULK_PATH = "/bulk"
+HOL_PATH = "/hol"     # the large file downloaded during the head-of-line workload
 IDENTITY_PATH = "/bench/identity"  # nginx answers with the identity headers it received
 API_TOKEN = "bench-token-not-checked-by-nginx"   # what callers send when no guard checks it
 GUARD_TOKEN = "bench-guard-token-not-checked-by-nginx"  # the guard's own credential (impersonation)
@@ -480,6 +486,7 @@ http {{
         root {prefix}/www;
         location = {pods} {{ default_type application/json; }}
         location = {bulk} {{ default_type application/octet-stream; }}
+        location = {hol} {{ default_type application/octet-stream; }}
         location = {identity} {{
             default_type text/plain;
             return 200 "$http_authorization|$http_impersonate_user|$http_impersonate_group";
@@ -490,7 +497,7 @@ http {{
 """
 
 
-def start_nginx(tools, procs, base, port, ca, ca_key, bulk_bytes):
+def start_nginx(tools, procs, base, port, ca, ca_key, bulk_bytes, hol_bytes=0):
     prefix = os.path.join(base, "nginx")
     for d in ("tmp", "www" + os.path.dirname(PODS_PATH)):
         os.makedirs(os.path.join(prefix, d), exist_ok=True)
@@ -499,16 +506,18 @@ def start_nginx(tools, procs, base, port, ca, ca_key, bulk_bytes):
     pki.write_private(os.path.join(prefix, "server.key"), key)
     with open(os.path.join(prefix, "www" + PODS_PATH), "wb") as f:
         f.write(pods_json())
-    bulk = os.path.join(prefix, "www" + BULK_PATH)
-    with open(bulk, "wb") as f:
-        f.truncate(bulk_bytes)  # sparse: zeros from the page cache
-    with open(bulk, "rb") as f:  # read it once so that no target pays for filling the cache
-        while f.read(1 << 20):
-            pass
+    for path, size in ((BULK_PATH, bulk_bytes), (HOL_PATH, hol_bytes)):
+        big = os.path.join(prefix, "www" + path)
+        with open(big, "wb") as f:
+            f.truncate(size)  # sparse: zeros from the page cache
+        with open(big, "rb") as f:  # read it once so that no target pays for filling the cache
+            while f.read(1 << 20):
+                pass
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w") as f:
         f.write(NGINX_CONF.format(user="user root;\n" if os.geteuid() == 0 else "",
                                   prefix=prefix, port=port, pods=PODS_PATH, bulk=BULK_PATH,
+                                  hol=HOL_PATH,
                                   identity=IDENTITY_PATH))
     r = subprocess.run([tools["nginx"], "-t", "-p", prefix, "-c", conf, "-e",
                         os.path.join(prefix, "error.log")],
@@ -846,6 +855,153 @@ def run_curl_bulk(tools, url, extra, expected, max_time, token=API_TOKEN):
     return res
 
 
+def run_hol(tools, target, opts):
+    """Head-of-line blocking: wrk (2 threads, HOL_CONNS connections) on the small GET, first
+    alone, then while curl downloads HOL_PATH through the same path (for arc: through the same
+    client, so over the same tunnel).  Downloads are restarted back to back until the loaded
+    wrk run ends, then the running one is stopped, so the whole measurement runs under load."""
+    d, timeout, token = opts.duration, opts.wrk_timeout, target["token"]
+    res = {}
+    idle = run_wrk(tools, target["url"], 2, HOL_CONNS, d, timeout, token)
+    res["idle"] = idle
+    res["p99_idle_ms"] = idle.get("p99_ms")
+    res["p50_idle_ms"] = idle.get("p50_ms")
+    res["requests"] = idle.get("requests", 0)
+
+    cmd = [tools["curl"], "-sS", "-k", "-o", "/dev/null", "-H", "Authorization: Bearer " + token,
+           "-w", "%{http_code} %{size_download}"]
+    cmd += list(target.get("sni_args", ())) + [target.get("sni_url", target["url"]) + HOL_PATH]
+    # Each download is bounded by --max-time: at most --hol-max-time, and at most until the
+    # end of the loaded wrk run, where curl stops itself (exit 28) and still reports its bytes.
+    window_end = time.monotonic() + HOL_RAMP_S + d + 0.3
+    state = {"done": False, "completed": 0, "bytes": 0, "errors": [], "current": None}
+    lock = threading.Lock()
+
+    def downloads():
+        while True:
+            left = window_end - time.monotonic()
+            with lock:
+                if state["done"] or left < 0.2:
+                    return
+                p = subprocess.Popen(cmd[:1] + ["--max-time", "%.2f" % min(left, opts.hol_max_time)]
+                                     + cmd[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+                state["current"] = p
+            out, err = p.communicate()
+            with lock:
+                state["current"] = None
+                parts = out.split()
+                got = int(float(parts[1])) if len(parts) == 2 else 0
+                if p.returncode == 0 and parts[:1] == ["200"]:
+                    state["completed"] += 1
+                    state["bytes"] += got
+                elif p.returncode == 28 and time.monotonic() >= window_end - 0.3:
+                    state["bytes"] += got  # stopped at the end of the window, as intended
+                    return
+                else:
+                    state["errors"].append("curl exit %s: %s %s" % (p.returncode, out.strip(),
+                                                                    err.strip()))
+                    if len(state["errors"]) >= 3 or state["done"]:
+                        return
+            time.sleep(0.5)
+
+    th = threading.Thread(target=downloads, daemon=True)
+    th.start()
+    time.sleep(HOL_RAMP_S)  # let the download reach full speed first
+    t0 = time.monotonic()
+    loaded = run_wrk(tools, target["url"], 2, HOL_CONNS, d, timeout, token)
+    window = time.monotonic() - t0
+    th.join(timeout=max(0, window_end - time.monotonic()) + 10)
+    with lock:
+        state["done"] = True
+        p = state["current"]
+        if p is not None and p.poll() is None:
+            p.terminate()  # the curl this function started; not expected (--max-time)
+            state["errors"].append("a download outlived its --max-time and was stopped")
+    res["loaded"] = loaded
+    res["p99_loaded_ms"] = loaded.get("p99_ms")
+    res["p50_loaded_ms"] = loaded.get("p50_ms")
+    res["requests"] += loaded.get("requests", 0)
+    res["socket_errors"] = idle.get("socket_errors", 0) + loaded.get("socket_errors", 0)
+    res["non_2xx"] = idle.get("non_2xx", 0) + loaded.get("non_2xx", 0)
+    res["rps_idle"], res["rps_loaded"] = idle.get("rps"), loaded.get("rps")
+    if res["p99_idle_ms"] and res["p99_loaded_ms"] is not None:
+        res["p99_ratio"] = res["p99_loaded_ms"] / res["p99_idle_ms"]
+    res["downloads_completed"] = state["completed"]
+    # what the download(s) moved from the start of the first to the end of the loaded wrk run
+    res["download_mb"] = round(state["bytes"] / 1e6, 1)
+    res["download_mbps"] = round(state["bytes"] / 1e6 / (window + HOL_RAMP_S), 1)
+    if state["errors"]:
+        res["error"] = "; ".join(state["errors"])
+    time.sleep(1)  # let the path settle after the interrupted download
+    return res
+
+
+def run_setup(target, n):
+    """Connection set-up: n sequential new TCP + TLS connections, each sending one small GET;
+    time from connect() to the first response byte (and, within it, to the end of the TLS
+    handshake).  No TLS session is resumed: every connection does a full handshake."""
+    host, port = target["url"].split("//", 1)[1].rsplit(":", 1)
+    port = int(port)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    req = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: Bearer %s\r\n"
+           "Connection: close\r\n\r\n" % (PODS_PATH, host, port, target["token"])).encode()
+    ttfb, handshake, errors = [], [], []
+    for _ in range(n):
+        try:
+            t0 = time.perf_counter()
+            raw = socket.create_connection((host, port), timeout=10)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s = ctx.wrap_socket(raw)
+            try:
+                t1 = time.perf_counter()
+                s.sendall(req)
+                data = s.recv(65536)
+                t2 = time.perf_counter()
+                if not data.startswith(b"HTTP/1.1 200"):
+                    raise OSError("answer %r" % data[:40])
+                head, _, body = data.partition(b"\r\n\r\n")
+                while not _:
+                    more = s.recv(65536)
+                    if not more:
+                        raise OSError("connection closed in the response head")
+                    data += more
+                    head, _, body = data.partition(b"\r\n\r\n")
+                m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                want = int(m.group(1)) if m else 0
+                while len(body) < want:
+                    more = s.recv(65536)
+                    if not more:
+                        raise OSError("connection closed in the body")
+                    body += more
+            finally:
+                s.close()
+        except (OSError, ssl.SSLError) as e:
+            errors.append(str(e))
+            if len(errors) >= 5:
+                break
+            continue
+        handshake.append((t1 - t0) * 1e3)
+        ttfb.append((t2 - t0) * 1e3)
+    res = {"connections": len(ttfb), "requests": len(ttfb)}
+    if ttfb:
+        res["p50_ms"] = statistics.median(ttfb)
+        res["p99_ms"] = percentile(ttfb, 99)
+        res["handshake_p50_ms"] = statistics.median(handshake)
+        res["request_p50_ms"] = statistics.median([a - b for a, b in zip(ttfb, handshake)])
+    if errors:
+        res["error"] = "%d of %d connections failed: %s" % (len(errors), n, errors[0])
+    return res
+
+
+def percentile(values, pct):
+    """Nearest-rank percentile."""
+    v = sorted(values)
+    return v[max(0, min(len(v) - 1, math.ceil(pct / 100.0 * len(v)) - 1))]
+
+
 def delayed_acks():
     """The kernel's count of delayed ACKs sent (all sockets; TcpExt DelayedACKs)."""
     try:
@@ -874,6 +1030,12 @@ def measure(target, fn):
     return res
 
 
+HOL_CONNS = 8       # wrk connections in the head-of-line workload
+HOL_RAMP_S = 0.5    # seconds the download runs before the loaded wrk run starts
+# workloads that are not measured on every target
+WORKLOAD_SKIP = {"hol": ("direct",)}
+
+
 def workloads(opts):
     d = opts.duration
     return [
@@ -884,13 +1046,23 @@ def workloads(opts):
         ("bulk", "bulk %d MiB (curl)" % opts.bulk_mib,
          lambda t, tools: run_curl_bulk(tools, t.get("sni_url", t["url"]), t.get("sni_args", ()),
                                         opts.bulk_mib << 20, opts.bulk_max_time, t["token"])),
+        ("hol", "small GET (wrk -t2 -c%d) idle, then during a %d MiB download"
+         % (HOL_CONNS, opts.hol_mib),
+         lambda t, tools: run_hol(tools, t, opts)),
+        ("setup", "%d new TLS connections, one GET each" % opts.setup_conns,
+         lambda t, tools: run_setup(t, opts.setup_conns)),
     ]
 
 
 def derive(key, res):
     """Per-sample derived figures: CPU per request / per GB."""
     cpu = res.get("path_cpu_s")
-    if key.startswith("small"):
+    if key == "setup":
+        if cpu is not None and res.get("connections"):
+            res["cpu_us_per_conn"] = cpu / res["connections"] * 1e6
+    elif key == "hol":
+        pass
+    elif key.startswith("small"):
         if cpu is not None and res.get("requests"):
             res["cpu_us_per_req"] = cpu / res["requests"] * 1e6
         if res.get("requests"):
@@ -902,6 +1074,10 @@ def derive(key, res):
 
 
 def sample_problem(key, res):
+    if key == "hol":
+        bad = [sample_problem("small", res[k]) for k in ("idle", "loaded") if k in res]
+        bad.append(res.get("error"))
+        return ", ".join(b for b in bad if b) or None
     if key.startswith("small"):
         if res.get("rps") is None:
             return "wrk gave no result (exit %s): %s" % (res.get("exit"), res.get("raw", ""))
@@ -932,6 +1108,18 @@ METRICS = [
     ("c=64  TCP delayed ACKs (host)", "small_c64", "delayed_acks", "{:.0f}"),
     ("bulk  MB/s", "bulk", "mbps", "{:.1f}"),
     ("bulk  CPU s/GB (path)", "bulk", "cpu_s_per_gb", "{:.2f}"),
+    ("HOL   p99 ms, idle (c=8)", "hol", "p99_idle_ms", "{:.3f}"),
+    ("HOL   p99 ms, during download", "hol", "p99_loaded_ms", "{:.3f}"),
+    ("HOL   p99 ratio loaded/idle", "hol", "p99_ratio", "{:.2f}×"),
+    ("HOL   p50 ms, idle / during download", "hol", ("p50_idle_ms", "p50_loaded_ms"),
+     "{:.3f} / {:.3f}"),
+    ("HOL   requests/s, idle / during download", "hol", ("rps_idle", "rps_loaded"),
+     "{:.0f} / {:.0f}"),
+    ("HOL   download MB/s meanwhile", "hol", "download_mbps", "{:.1f}"),
+    ("setup median ms (connect → 1st byte)", "setup", "p50_ms", "{:.3f}"),
+    ("setup p99 ms", "setup", "p99_ms", "{:.3f}"),
+    ("setup TLS handshake median ms", "setup", "handshake_p50_ms", "{:.3f}"),
+    ("setup CPU µs/connection (path)", "setup", "cpu_us_per_conn", "{:.0f}"),
 ]
 
 
@@ -975,13 +1163,21 @@ def figures_rows(summary, names, flagged):
     for label, key, field, fmt in METRICS:
         row = [label]
         for n in names:
-            v = summary.get(n, {}).get(key, {}).get(field)
-            cell = "—" if n == "direct" and field.startswith("cpu") else _cell(fmt, v)
+            if isinstance(field, tuple):
+                vs = [summary.get(n, {}).get(key, {}).get(f) for f in field]
+                cell = "n/a" if None in vs else fmt.format(*vs)
+            elif n == "direct" and field.startswith("cpu"):
+                cell = "—"
+            else:
+                cell = _cell(fmt, summary.get(n, {}).get(key, {}).get(field))
             if (n, key) in flagged:
                 cell += " !"
             row.append(cell)
         rows.append(row)
     return header, rows
+
+
+RATIO_SKIP = ("p99_ratio", "download_mbps")
 
 
 def ratio_rows(summary, names):
@@ -992,8 +1188,8 @@ def ratio_rows(summary, names):
     header = ["ratio vs ssh -R (median)"] + ["%s/ssh-R" % n for n in cols]
     rows = []
     for label, key, field, fmt in METRICS:
-        if field == "delayed_acks":  # a diagnostic count, not a cost: no ratio
-            continue
+        if field == "delayed_acks" or isinstance(field, tuple) or field in RATIO_SKIP:
+            continue  # a diagnostic count, a pair, or already a ratio: no ratio
         row = [label]
         for n in cols:
             r = ratio(summary.get(n, {}).get(key, {}).get(field),
@@ -1132,6 +1328,13 @@ def parse_args(argv):
     p.add_argument("--bulk-mib", type=int, default=256, help="size of /bulk (default 256)")
     p.add_argument("--bulk-max-time", type=int, default=300,
                    help="give up a bulk download after this many seconds (default 300)")
+    p.add_argument("--hol-mib", type=int, default=1024,
+                   help="size of the file downloaded during the head-of-line workload "
+                        "(default 1024)")
+    p.add_argument("--hol-max-time", type=int, default=120,
+                   help="give up one head-of-line download after this many seconds (default 120)")
+    p.add_argument("--setup-conns", type=int, default=200,
+                   help="new connections per connection set-up run (default 200)")
     p.add_argument("--wrk-timeout", type=int, default=5,
                    help="wrk's per-request timeout in seconds (default 5)")
     p.add_argument("--targets", default=",".join(TARGET_TITLES),
@@ -1151,8 +1354,10 @@ def parse_args(argv):
     for t in opts.targets:
         if t not in TARGET_TITLES:
             p.error("unknown target %r" % t)
-    if opts.repeat < 1 or opts.duration < 1 or opts.bulk_mib < 1:
-        p.error("--repeat, --duration and --bulk-mib must be positive")
+    if min(opts.repeat, opts.duration, opts.bulk_mib, opts.hol_mib, opts.hol_max_time,
+           opts.setup_conns) < 1:
+        p.error("--repeat, --duration, --bulk-mib, --hol-mib, --hol-max-time and --setup-conns "
+                "must be positive")
     return opts
 
 
@@ -1190,7 +1395,7 @@ def main(argv=None):
         log("temporary directory %s" % base)
         log("starting nginx on 127.0.0.1:%d" % nginx_port)
         nginx, nginx_url = start_nginx(tools, procs, base, nginx_port, ca, ca_key,
-                                       opts.bulk_mib << 20)
+                                       opts.bulk_mib << 20, opts.hol_mib << 20)
         targets = {}
         if "direct" in opts.targets:
             targets["direct"] = {"url": nginx_url, "roots": [], "names": ("nginx",),
@@ -1238,7 +1443,7 @@ def main(argv=None):
                 order = names[rep % len(names):] + names[:rep % len(names)]
                 for n in order:
                     t = targets[n]
-                    if n in dead:
+                    if n in dead or n in WORKLOAD_SKIP.get(key, ()):
                         continue
                     try:
                         procs.check(t["names"])
@@ -1274,6 +1479,9 @@ def main(argv=None):
             served = sum(r.get("requests", 0) for k in ("small_c1", "small_c64")
                          for r in samples[n].get(k, ()))
             served += sum(1 for r in samples[n].get("bulk", ()) if r.get("code") == "200")
+            served += sum(r.get("requests", 0) for k in ("hol", "setup")
+                          for r in samples[n].get(k, ()))
+            served += sum(r.get("downloads_completed", 0) for r in samples[n].get("hol", ()))
             counts["requests_measured"] = served
             if targets[n]["guard"] == "splice":
                 if counts["records"]:
@@ -1294,9 +1502,10 @@ def main(argv=None):
             "tools:   %s | %s | %s | %s | arc %s (%s)" % (
                 versions["nginx"], versions["ssh"], versions["wrk"].split(" [")[0],
                 " ".join(versions["curl"].split()[:2]), versions["arc"], versions["arc_path"]),
-            "runs:    %d per figure (medians), wrk %d s per run, bulk %d MiB; nginx TLS on "
-            "127.0.0.1, 1 worker, HTTP/1.1 keep-alive" % (opts.repeat, opts.duration,
-                                                         opts.bulk_mib),
+            "runs:    %d per figure (medians), wrk %d s per run, bulk %d MiB, HOL download %d "
+            "MiB, %d connections per set-up run; nginx TLS on 127.0.0.1, 1 worker, HTTP/1.1 "
+            "keep-alive" % (opts.repeat, opts.duration, opts.bulk_mib, opts.hol_mib,
+                            opts.setup_conns),
         ]
         if "ssh" in targets:
             head.append("ssh -R:  default cipher negotiated: %s" % targets["ssh"]["cipher"])
@@ -1312,6 +1521,12 @@ def main(argv=None):
             "arc-splice's, where the agent splices bytes without parsing HTTP.",
             "TCP delayed ACKs: host-wide count during one run (median); many of them with a "
             "p99 near 40 ms point to Nagle/delayed-ACK stalls.",
+            "HOL: wrk -t2 -c%d on the small GET alone, then while %d MiB downloads are running "
+            "back to back through the same path (arc: the same client and tunnel); the ratio "
+            "is the median of the per-repetition ratios (target: at most 2x)." % (
+                HOL_CONNS, opts.hol_mib),
+            "setup: %d sequential new TCP+TLS connections (no session resumption), one GET "
+            "each; time from connect() to the first response byte." % opts.setup_conns,
         ]
         if any(t.get("peak_rss_mib") for t in targets.values()):
             legend.append("peak RSS of the path processes (MiB, after all workloads): " + ", ".join(
@@ -1346,7 +1561,8 @@ def main(argv=None):
         result = {
             "machine": info, "versions": versions,
             "options": {"repeat": opts.repeat, "duration_s": opts.duration,
-                        "bulk_mib": opts.bulk_mib, "quick": opts.quick},
+                        "bulk_mib": opts.bulk_mib, "hol_mib": opts.hol_mib,
+                        "setup_conns": opts.setup_conns, "quick": opts.quick},
             "targets": {n: {"url": targets[n]["url"],
                             "cipher": targets[n].get("cipher"),
                             "transport": targets[n].get("transport"),
@@ -1389,6 +1605,18 @@ def main(argv=None):
 def brief(key, res):
     cpu = res.get("path_cpu_s")
     cpu = "-" if cpu is None else "%.2f s" % cpu
+    if key == "hol":
+        return ("p99 idle %s ms, during download %s ms (%s), %s MB/s downloaded, %d downloads "
+                "completed, path CPU %s%s" % (
+                    res.get("p99_idle_ms"), res.get("p99_loaded_ms"),
+                    "n/a" if res.get("p99_ratio") is None else "%.2fx" % res["p99_ratio"],
+                    res.get("download_mbps"), res.get("downloads_completed", 0), cpu,
+                    "  PROBLEM: " + sample_problem(key, res) if sample_problem(key, res) else ""))
+    if key == "setup":
+        return ("%s connections, median %.3f ms, p99 %.3f ms (handshake %.3f ms), path CPU %s%s"
+                % (res.get("connections"), res.get("p50_ms") or 0, res.get("p99_ms") or 0,
+                   res.get("handshake_p50_ms") or 0, cpu,
+                   "  ERROR: " + res["error"] if res.get("error") else ""))
     if key.startswith("small"):
         problem = sample_problem(key, res)
         return "%s req/s, p50 %s ms, p99 %s ms, path CPU %s, delayed ACKs %s%s" % (
