@@ -375,6 +375,17 @@ def wait_all(procs, timeout, since=None):
     return results
 
 
+def kill_all(procs):
+    """Kill the still-running processes a test started and close their pipes."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for pipe in (proc.stdout, proc.stderr, proc.stdin):
+            if pipe is not None:
+                pipe.close()
+
+
 class ChainTestCase(unittest.TestCase):
     timeout = 150
     chain_options = {}
@@ -388,13 +399,7 @@ class ChainTestCase(unittest.TestCase):
         self.addCleanup(self._kill_procs)
 
     def _kill_procs(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            for pipe in (proc.stdout, proc.stderr, proc.stdin):
-                if pipe is not None:
-                    pipe.close()
+        kill_all(self.procs)
 
     def kubectl_process(self, *args, **kw):
         proc = self.chain.kubectl_process(*args, **kw)

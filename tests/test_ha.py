@@ -29,6 +29,7 @@ from twisted.trial import unittest
 from arc import demo, pki
 from arc.testing.procs import free_port, port_in_use, start_apiserver, twist, wait_for
 from tests.chain import Chain
+from tests.faults import kill_all
 
 REPLICAS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
 TUNNEL = {"ping_interval": 1, "dead_after": 3}
@@ -202,15 +203,7 @@ class ReplicaDrainTests(unittest.TestCase):
         self.addCleanup(self.chain.stop)
         self.chain.start()
         self.procs = []
-        self.addCleanup(self._kill_procs)
-
-    def _kill_procs(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            proc.stdout.close()
-            proc.stderr.close()
+        self.addCleanup(kill_all, self.procs)
 
     def test_draining_replica_is_replaced_while_it_drains(self):
         from tests.chain import read_until
