@@ -22,29 +22,17 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrap
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from arc import pki
-from arc.agent.agent import Agent
-from arc.client.config import ClientConfig, ClusterEntry
-from arc.client.tap import ProxyService
 from arc.guard.audit import AuditLog
 from arc.guard.guard import Guard, GuardConfig
-from arc.guard.upstream import APIServer
 from arc.identity.authenticator import Authenticator
-from arc.kube.kubeconfig import Upstream as Target
-from arc.relay.registry import Binding, Identity, Registry, token_digest
-from arc.relay.relay import AGENT_PATH, Relay
-from arc.tls import client_options, server_options
-from arc.tunnel.carrier import TunnelServerFactory
-from arc.tunnel.dial import TunnelDialer
 from arc.tunnel.session import Limits
-from arc.tunnel.settings import RelayLink
 from arc.tunnel.stream import Stream
 from tests.faultbackend import BackendFactory, pattern
 from tests.test_session import Recorder
+from tests import inprocess
 
 CANCELLATIONS = 5000
 CONCURRENCY = 64
@@ -64,66 +52,22 @@ class InProcessChain(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        base = os.path.abspath(self.mktemp())
-        os.makedirs(base)
-        ca, ca_key = pki.new_ca("fault test CA")
-        cert, key = pki.issue(ca, ca_key, "localhost", dns_names=["localhost"],
-                              ips=["127.0.0.1"])
-        tls = server_options(cert, key)
-        limits = Limits(ping_interval=5, dead_after=15)
         self.backend = BackendFactory(reactor, "in-process")
-        backend_port = reactor.listenTCP(0, TLSMemoryBIOFactory(tls, False, self.backend),
-                                         interface="127.0.0.1")
-        self.addCleanup(backend_port.stopListening)
-        alice = Identity("alice", ("dev",))
-        registry = Registry({"demo": token_digest("agent-token")},
-                            {token_digest("user-token"): alice},
-                            {"demo": Binding(groups=frozenset({"dev"}))})
-        self.relay = Relay(reactor, registry, limits)
-        factory = TunnelServerFactory(reactor, self.relay.accept, self.relay.plain)
-        relay_port = reactor.listenTCP(0, TLSMemoryBIOFactory(tls, False, factory),
-                                       interface="127.0.0.1")
-        self.addCleanup(relay_port.stopListening)
-        relay_url = "https://localhost:%d" % relay_port.getHost().port
-        target = Target(server="https://127.0.0.1:%d" % backend_port.getHost().port,
-                        host="127.0.0.1", port=backend_port.getHost().port, ca_pem=ca)
-        upstream = APIServer(reactor, target)
-        guard = Guard(GuardConfig(enabled=True, authenticator=Authenticator(None, (), True),
-                                  allow_impersonation=False, audit=AuditLog("none"),
-                                  token_refresh=60.0), "demo", upstream)
-        self.agent = Agent(reactor, "demo", upstream, limits, guard)
-        dialer = TunnelDialer(reactor, relay_url=relay_url, path=AGENT_PATH,
-                              credential=lambda: "agent-token",
-                              make_session=self.agent.make_session,
-                              tls_options=client_options("localhost", ca_pem=ca),
-                              extra_headers={"Arc-Cluster": "demo"}, drain_timeout=1)
-        dialer.startService()
-        self.addCleanup(dialer.stopService)
-        cfg = ClientConfig(
-            file="fault-test", listen="tcp:0:interface=127.0.0.1",
-            state_dir=os.path.join(base, "client"),
-            relay=RelayLink(url=relay_url, server_name="localhost", ca_pem=ca,
-                            credential=lambda: "user-token", transport="tunnel",
-                            websocket_mask=True),
-            kubeconfig=os.path.join(base, "kubeconfig"), set_current_context=False,
-            clusters=(ClusterEntry("demo", "demo", None, None),), limits=limits)
-        self.proxy = ProxyService(cfg, reactor)
-        self.proxy.startService()
-        self.addCleanup(self.proxy.stopService)
-        yield self.proxy.ready
-        yield self.wait(lambda: self.agent.up and self.proxy.session() is not None,
-                        "both tunnels up")
-        self.proxy_port = self.proxy.port
-        self.proxy_tls = client_options("demo.arc.localhost",
-                                        ca_pem=self.proxy.local_ca.ca_cert_pem)
 
-    @defer.inlineCallbacks
+        def make_guard(upstream):
+            return Guard(GuardConfig(enabled=True, authenticator=Authenticator(None, (), True),
+                                     allow_impersonation=False, audit=AuditLog("none"),
+                                     token_refresh=60.0), "demo", upstream)
+
+        chain = yield inprocess.InProcessChain(
+            self, self.backend, limits=Limits(ping_interval=5, dead_after=15),
+            make_guard=make_guard, dialer_options={"drain_timeout": 1}).start()
+        self.relay, self.agent, self.proxy = chain.relay, chain.agent, chain.proxy
+        self.proxy_port = self.proxy.port
+        self.proxy_tls = chain.proxy_tls
+
     def wait(self, predicate, what, timeout=20.0):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                self.fail("timed out after %.0f s waiting for %s" % (timeout, what))
-            yield sleep(0.05)
+        return inprocess.wait(self, predicate, what, timeout)
 
     # -- stream tables -----------------------------------------------------------------
 

@@ -7,30 +7,17 @@ stream: a small request on the same tunnels still answers, and neither the
 relay nor the agent buffers more than a few stream windows.
 """
 
-import os
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from arc import pki
-from arc.agent.agent import Agent
-from arc.guard.upstream import APIServer
-from arc.client.config import ClientConfig, ClusterEntry
-from arc.client.tap import ProxyService
-from arc.kube.kubeconfig import Upstream as Target
-from arc.relay.registry import Binding, Identity, Registry, token_digest
-from arc.relay.relay import AGENT_PATH, Relay
-from arc.tls import client_options, pending_write_bytes, server_options
+from arc.tls import pending_write_bytes
 from arc.tunnel import frames as F
-from arc.tunnel.carrier import TunnelServerFactory
-from arc.tunnel.dial import TunnelDialer
-from arc.tunnel.session import Limits
-from arc.tunnel.settings import RelayLink
+from tests.inprocess import InProcessChain, wait
 
 BIG = 200 * 1024 * 1024
 CHUNK = 256 * 1024
@@ -91,66 +78,13 @@ class FlowControlTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         Backend.sent = 0
-        base = os.path.abspath(self.mktemp())
-        os.makedirs(base)
-        ca, ca_key = pki.new_ca("flow test CA")
-        cert, key = pki.issue(ca, ca_key, "localhost", dns_names=["localhost"],
-                              ips=["127.0.0.1"])
-        tls = server_options(cert, key)
-        # Backend (the "API server").
-        backend = reactor.listenTCP(0, TLSMemoryBIOFactory(tls, False,
-                                                           Factory.forProtocol(Backend)),
-                                    interface="127.0.0.1")
-        self.addCleanup(backend.stopListening)
-        # Relay.
-        alice = Identity("alice", ("dev",))
-        registry = Registry({"demo": token_digest("agent-token")},
-                            {token_digest("user-token"): alice},
-                            {"demo": Binding(groups=frozenset({"dev"}))})
-        self.relay = Relay(reactor, registry, Limits())
-        factory = TunnelServerFactory(reactor, self.relay.accept, self.relay.plain)
-        relay_port = reactor.listenTCP(0, TLSMemoryBIOFactory(tls, False, factory),
-                                       interface="127.0.0.1")
-        self.addCleanup(relay_port.stopListening)
-        relay_url = "https://localhost:%d" % relay_port.getHost().port
-        # Agent.
-        target = Target(server="https://127.0.0.1:%d" % backend.getHost().port,
-                        host="127.0.0.1", port=backend.getHost().port, ca_pem=ca)
-        self.agent = Agent(reactor, "demo", APIServer(reactor, target), Limits())
-        dialer = TunnelDialer(reactor, relay_url=relay_url, path=AGENT_PATH,
-                              credential=lambda: "agent-token",
-                              make_session=self.agent.make_session,
-                              tls_options=client_options("localhost", ca_pem=ca),
-                              extra_headers={"Arc-Cluster": "demo"})
-        dialer.startService()
-        self.addCleanup(dialer.stopService)
-        # Client proxy.
-        cfg = ClientConfig(
-            file="flow-test", listen="tcp:0:interface=127.0.0.1",
-            state_dir=os.path.join(base, "client"),
-            relay=RelayLink(url=relay_url, server_name="localhost", ca_pem=ca,
-                            credential=lambda: "user-token", transport="tunnel",
-                            websocket_mask=True),
-            kubeconfig=os.path.join(base, "kubeconfig"), set_current_context=False,
-            clusters=(ClusterEntry("demo", "demo", None, None),), limits=Limits())
-        self.proxy = ProxyService(cfg, reactor)
-        self.proxy.startService()
-        self.addCleanup(self.proxy.stopService)
-        yield self.proxy.ready
-        yield self.wait(lambda: self.agent.up and self.proxy.session() is not None,
-                        "both tunnels up")
-        port = self.proxy.port
-        self.endpoint = SSL4ClientEndpoint(
-            reactor, "127.0.0.1", port,
-            client_options("demo.arc.localhost", ca_pem=self.proxy.local_ca.ca_cert_pem))
+        chain = yield InProcessChain(self, Factory.forProtocol(Backend)).start()
+        self.relay, self.agent, self.proxy = chain.relay, chain.agent, chain.proxy
+        self.endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", self.proxy.port,
+                                           chain.proxy_tls)
 
-    @defer.inlineCallbacks
     def wait(self, predicate, what, timeout=20.0):
-        for _ in range(int(timeout / 0.05)):
-            if predicate():
-                return
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail("timed out waiting for %s" % (what,))
+        return wait(self, predicate, what, timeout)
 
     def relay_buffered(self):
         sessions = list(self.relay.clients)
