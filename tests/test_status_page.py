@@ -9,7 +9,6 @@ is checked against the relay's own state, and a screenshot is kept in the
 test's temporary directory.
 """
 
-import atexit
 import hashlib
 import html.parser
 import json
@@ -18,8 +17,6 @@ import re
 import shutil
 import struct
 import subprocess
-import tempfile
-import unittest as pyunit
 
 from twisted.internet.address import IPv4Address
 from twisted.trial import unittest
@@ -30,6 +27,7 @@ from arc.ops.statuspage import (COOKIE, SESSION_TTL, STATUS_JSON_PATH, STATUS_PA
 from arc.tunnel.carrier import TunnelRequest
 from tests.chain import wait_for
 from tests.opschain import OpsChain
+from tests.test_integration import ChainMixin
 
 TOKEN = "status-token-0123456789abcdef"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -279,36 +277,19 @@ def png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
-class StatusPageInChromiumTests(unittest.TestCase):
+class StatusPageInChromiumTests(ChainMixin, unittest.TestCase):
     """One chain for the class: started by the first test, stopped after the last."""
 
-    chain = None
+    @classmethod
+    def make_chain(cls, base):
+        return OpsChain(base, extra_clusters=("offline",),
+                        tunnel={"ping_interval": 1.0, "dead_after": 10.0})
 
     def setUp(self):
         self.browser = find_browser()
-        cls = type(self)
-        if cls.chain is None:
-            cls.remaining = len(pyunit.TestLoader().getTestCaseNames(cls))
-            cls.base = tempfile.mkdtemp(prefix="arc-status-")
-            chain = OpsChain(cls.base, extra_clusters=("offline",),
-                             tunnel={"ping_interval": 1.0, "dead_after": 10.0})
-            atexit.register(chain.stop)
-            try:
-                chain.start()
-            except BaseException:
-                chain.stop()
-                raise
-            cls.chain = chain
-        self.addCleanup(self._release)
+        super().setUp()
         self.artifacts = os.path.abspath(self.mktemp())
         os.makedirs(self.artifacts)
-
-    def _release(self):
-        cls = type(self)
-        cls.remaining -= 1
-        if cls.remaining <= 0 and cls.chain is not None:
-            cls.chain.stop()
-            cls.chain = None
 
     def chromium(self, *args):
         argv = [self.browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
