@@ -4,10 +4,10 @@ from twisted.application import internet
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.python.failure import Failure
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from arc.errors import ConfigError
+from arc.tlssocket import TLSServerFactory
 
 
 class ConfigOptions(usage.Options):
@@ -43,7 +43,7 @@ def listen_service(reactor, endpoint, factory, tls_options=None, *, file=None, k
         raise ConfigError("not a usable Twisted endpoint string %r: %s" % (endpoint, e),
                           file=file, key=key) from None
     if tls_options is not None:
-        factory = TLSMemoryBIOFactory(tls_options, False, factory)
+        factory = TLSServerFactory(tls_options, factory)
     service = internet.StreamServerEndpointService(server, factory)
     # A port that cannot be bound stops start-up instead of being logged only.
     service._raiseSynchronously = True

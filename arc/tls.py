@@ -3,13 +3,20 @@
 Servers always set ALPN (``acceptableProtocols``): with Twisted 26 and
 pyOpenSSL 26 a server context without it aborts the handshake as soon as the
 client offers ALPN, which curl and kubectl always do.  Offer only what is
-served: ``http/1.1``.  Dialers check the peer's name with service_identity
-(``optionsForClientTLS``).
+served: ``http/1.1``.  Dialers check the peer's name with service_identity,
+as ``optionsForClientTLS`` does; :class:`ClientTLS` serves both TLS
+implementations (:mod:`arc.tlssocket` on a socket, Twisted's otherwise).
 """
 
+from OpenSSL import SSL
+from service_identity import pyopenssl as _identity
 from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 
 from arc.errors import ConfigError
+from arc.tlssocket import whole_writes
 
 HTTP11 = (b"http/1.1",)
 
@@ -51,6 +58,49 @@ def _chain(pem):
     return [ssl.Certificate.loadPEM(p) for p in parts]
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientTLS:
+    """How to dial one server over TLS: trust, client certificate, ALPN, name.
+
+    Twisted's TLS uses it as an ``IOpenSSLClientConnectionCreator`` (treq,
+    connections that are not plain sockets); :mod:`arc.tlssocket` asks it
+    for a connection on a socket (:meth:`socket_connection`) and for the
+    check of the peer once the handshake is done (:meth:`check`).  Both
+    verify the same way: the chain against the trust roots, then the name
+    (DNS name, or IP address) with service_identity.  ``server_name`` None
+    verifies nothing (``insecure-skip-tls-verify``).
+    """
+
+    def __init__(self, server_name, options, twisted_creator, protocols=HTTP11):
+        self.server_name = server_name
+        self.protocols = list(protocols)
+        self._context = whole_writes(options.getContext())
+        self._twisted = twisted_creator
+        self._ip = bool(server_name) and (isIPAddress(server_name)
+                                         or isIPv6Address(server_name))
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        return self._twisted.clientConnectionForTLS(tlsProtocol)
+
+    def socket_connection(self, sock):
+        connection = SSL.Connection(self._context, sock)
+        if self.server_name and not self._ip:
+            connection.set_tlsext_host_name(self.server_name.encode("idna"))
+        if self.protocols:
+            connection.set_alpn_protos(self.protocols)
+        connection.set_connect_state()
+        return connection
+
+    def check(self, connection):
+        """Raise ``service_identity.VerificationError`` unless the peer has our name."""
+        if not self.server_name:
+            return
+        if self._ip:
+            _identity.verify_ip_address(connection, self.server_name)
+        else:
+            _identity.verify_hostname(connection, self.server_name)
+
+
 def client_options(server_name, *, ca_pem=None, client_cert_pem=None, client_key_pem=None,
                    protocols=HTTP11):
     """Options for dialing ``server_name`` (checked with service_identity).
@@ -67,9 +117,33 @@ def client_options(server_name, *, ca_pem=None, client_cert_pem=None, client_key
     client_cert = None
     if client_cert_pem and client_key_pem:
         client_cert = ssl.PrivateCertificate.loadPEM(client_key_pem + b"\n" + client_cert_pem)
-    return ssl.optionsForClientTLS(server_name, trustRoot=trust,
-                                   clientCertificate=client_cert,
-                                   acceptableProtocols=list(protocols))
+    twisted_creator = ssl.optionsForClientTLS(server_name, trustRoot=trust,
+                                              clientCertificate=client_cert,
+                                              acceptableProtocols=list(protocols))
+    extra = {}
+    if client_cert is not None:
+        extra = {"privateKey": client_cert.privateKey.original,
+                 "certificate": client_cert.original}
+    options = ssl.CertificateOptions(trustRoot=trust, acceptableProtocols=list(protocols),
+                                     **extra)
+    return ClientTLS(server_name, options, twisted_creator, protocols)
+
+
+def insecure_client_options(protocols=HTTP11):
+    """Options that check nothing about the server (``insecure-skip-tls-verify``)."""
+    options = ssl.CertificateOptions(verify=False, acceptableProtocols=list(protocols))
+    return ClientTLS(None, options, _ContextCreator(options), protocols)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ContextCreator:
+    def __init__(self, options):
+        self.options = options
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = SSL.Connection(self.options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        return connection
 
 
 def set_nodelay(transport):
@@ -87,7 +161,7 @@ def set_nodelay(transport):
 
 def pending_write_bytes(transport):
     """Bytes a socket transport (under any TLS layer) still has to write."""
-    while transport is not None and "dataBuffer" not in vars(transport):
+    while transport is not None and not hasattr(transport, "_tempDataLen"):
         transport = getattr(transport, "transport", None)
     if transport is None:
         return 0

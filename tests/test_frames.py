@@ -114,8 +114,10 @@ class RoundTripTests(unittest.TestCase):
 
 
 class ProtocolErrorTests(unittest.TestCase):
+    Decoder = F.FrameDecoder
+
     def assertRejected(self, wire, words, code=F.PROTOCOL_ERROR, max_frame=F.DEFAULT_MAX_FRAME):
-        decoder = F.FrameDecoder(max_frame)
+        decoder = self.Decoder(max_frame)
         e = self.assertRaises(F.ProtocolError, decoder.feed, wire)
         self.assertEqual(e.code, code)
         self.assertIn(words, str(e))
@@ -157,7 +159,7 @@ class ProtocolErrorTests(unittest.TestCase):
 
     def test_oversize_data_detected_from_header_alone(self):
         # The payload is never waited for: the header is enough to refuse it.
-        decoder = F.FrameDecoder(16)
+        decoder = self.Decoder(16)
         self.assertRaises(F.ProtocolError, decoder.feed, raw_header(1, F.DATA, 0, 1, 1 << 30))
 
     def test_window_update_too_large(self):
@@ -167,15 +169,85 @@ class ProtocolErrorTests(unittest.TestCase):
     def test_error_after_good_frames(self):
         # Frames before the bad one in the same chunk are lost with the tunnel,
         # but the error is reported, never swallowed.
-        decoder = F.FrameDecoder()
+        decoder = self.Decoder()
         wire = encode(F.PING, F.SYN, 0, 1) + raw_header(9, 0, 0, 0, 0)
         self.assertRaises(F.ProtocolError, decoder.feed, wire)
 
     def test_error_in_buffered_header(self):
-        decoder = F.FrameDecoder()
+        decoder = self.Decoder()
         self.assertEqual(decoder.feed(raw_header(1, 7, 0, 0, 0)[:6]), [])
         self.assertRaises(F.ProtocolError, decoder.feed, b"\x00" * 6)
         self.assertEqual(decoder.buffered, 0)
+
+
+class PieceDecoderProtocolErrorTests(ProtocolErrorTests):
+    """The decoder the tunnel sessions use refuses the same input the same way."""
+
+    Decoder = F.PieceDecoder
+
+    def test_oversize_control_payload(self):
+        # SYN and RST payloads are held whole, so they are bounded on their own.
+        for flag, name in ((F.SYN, "SYN"), (F.RST, "RST")):
+            e = self.assertRejected(raw_header(1, F.DATA, flag, 1, F.MAX_CONTROL_PAYLOAD + 1),
+                                    "%s payload of %d bytes" % (name, F.MAX_CONTROL_PAYLOAD + 1))
+            self.assertEqual(e.code, F.PROTOCOL_ERROR)
+
+
+class PieceDecoderTests(unittest.TestCase):
+    def test_payload_handed_on_as_it_arrives(self):
+        decoder = F.PieceDecoder()
+        wire = encode(F.DATA, F.FIN, 3, 0, b"abcdefgh")
+        self.assertEqual(decoder.feed(wire[:F.HEADER_SIZE + 3]), [(F.DATA, 0, 3, 3, b"abc")])
+        self.assertEqual(decoder.buffered, 0)
+        # The last piece carries the frame's flags.
+        self.assertEqual(decoder.feed(wire[F.HEADER_SIZE + 3:]),
+                         [(F.DATA, F.FIN, 3, 5, b"defgh")])
+
+    def test_header_split_between_reads(self):
+        decoder = F.PieceDecoder()
+        wire = encode(F.DATA, 0, 3, 0, b"xyz") + encode(F.PING, F.SYN, 0, 7)
+        self.assertEqual(decoder.feed(wire[:5]), [])
+        self.assertEqual(decoder.buffered, 5)
+        self.assertEqual(decoder.feed(wire[5:]),
+                         [(F.DATA, 0, 3, 3, b"xyz"), (F.PING, F.SYN, 0, 7, b"")])
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_control_payloads_come_whole(self):
+        decoder = F.PieceDecoder()
+        reset = F.rst_payload(F.FORBIDDEN, "no access")
+        wire = encode(F.DATA, F.SYN, 5, 0, b'{"cluster": "c"}') + encode(F.DATA, F.RST, 5, 0, reset)
+        got = []
+        for i in range(len(wire)):
+            got.extend(decoder.feed(wire[i:i + 1]))
+        self.assertEqual(got, [(F.DATA, F.SYN, 5, 16, b'{"cluster": "c"}'),
+                               (F.DATA, F.RST, 5, len(reset), reset)])
+        self.assertIsInstance(got[0][4], bytes)
+
+    def test_views_are_memoryviews_of_the_input(self):
+        decoder = F.PieceDecoder(views=True)
+        wire = encode(F.DATA, 0, 1, 0, b"payload")
+        [(ftype, flags, sid, n, piece)] = decoder.feed(wire)
+        self.assertIsInstance(piece, memoryview)
+        self.assertEqual(bytes(piece), b"payload")
+        self.assertIs(piece.obj, wire)
+
+    def test_bytes_without_views(self):
+        decoder = F.PieceDecoder()
+        [frame] = decoder.feed(encode(F.DATA, 0, 1, 0, b"abc"))
+        self.assertIsInstance(frame[4], bytes)
+
+    def test_nothing_waits_for_a_whole_frame(self):
+        # A frame of the maximum size is handed on piece by piece: the decoder
+        # holds no payload, however the frame is cut.
+        decoder = F.PieceDecoder(max_frame=1 << 20)
+        payload = bytes(range(256)) * 4096
+        wire = encode(F.DATA, F.FIN, 9, 0, payload)
+        got = []
+        for i in range(0, len(wire), 1000):
+            got.extend(decoder.feed(wire[i:i + 1000]))
+            self.assertLess(decoder.buffered, F.HEADER_SIZE)
+        self.assertEqual(b"".join(p for _, _, _, _, p in got), payload)
+        self.assertEqual([f for _, f, _, _, _ in got], [0] * (len(got) - 1) + [F.FIN])
 
 
 class ResetPayloadTests(unittest.TestCase):
@@ -282,3 +354,61 @@ class PropertyTests(unittest.TestCase):
             self.assertLessEqual(decoder.buffered, F.HEADER_SIZE + self.MAX_FRAME)
         self.assertEqual(got, frames)
         self.assertEqual(decoder.buffered, 0)
+
+
+class PiecePropertyTests(unittest.TestCase):
+    MAX_FRAME = 64
+
+    @FUZZ
+    @given(arbitrary_bytes, cuts, st.booleans())
+    def test_arbitrary_input_is_pieces_or_protocol_error(self, data, at, views):
+        decoder = F.PieceDecoder(self.MAX_FRAME, views=views)
+        for piece in split(data, at):
+            try:
+                events = decoder.feed(piece)
+            except F.ProtocolError:
+                self.assertEqual(decoder.buffered, 0)
+                return
+            for ftype, flags, sid, value, payload in events:
+                self.assertIn(ftype, F.TYPE_NAMES)
+                self.assertEqual(flags & ~F.ALL_FLAGS, 0)
+                if ftype == F.DATA:
+                    self.assertEqual(len(payload), value)
+                    self.assertLessEqual(value, self.MAX_FRAME)
+                else:
+                    self.assertEqual(payload, b"")
+            # A partial header, or a SYN/RST payload being collected: nothing more.
+            self.assertLessEqual(decoder.buffered, F.HEADER_SIZE + self.MAX_FRAME)
+
+    @FUZZ
+    @given(st.data())
+    def test_pieces_rejoin_into_the_frames_sent(self, data):
+        frames = data.draw(st.lists(valid_frame(self.MAX_FRAME), max_size=15))
+        wire = b"".join(F.header(ftype, flags, sid, length) + payload
+                        for ftype, flags, sid, length, payload in frames)
+        decoder = F.PieceDecoder(self.MAX_FRAME, views=data.draw(st.booleans()))
+        events = []
+        for piece in split(wire, data.draw(cuts)):
+            events.extend(decoder.feed(piece))
+        self.assertEqual(decoder.buffered, 0)
+        # Join the pieces of each DATA frame: every piece but a frame's last has
+        # flags 0, and each frame's pieces come in order with nothing between.
+        rebuilt = []
+        current = None
+        for ftype, flags, sid, value, payload in events:
+            if ftype != F.DATA:
+                self.assertIsNone(current)
+                rebuilt.append((ftype, flags, sid, value, payload))
+                continue
+            if current is None:
+                current = [sid, b""]
+            self.assertEqual(sid, current[0])
+            current[1] += bytes(payload)
+            expected = frames[len(rebuilt)]
+            if len(current[1]) == expected[3]:
+                rebuilt.append((F.DATA, flags, sid, len(current[1]), current[1]))
+                current = None
+            else:
+                self.assertEqual(flags, 0)
+        self.assertIsNone(current)
+        self.assertEqual(rebuilt, frames)

@@ -129,10 +129,14 @@ class Acceptor:
         return stream
 
 
+# The protocol's own initial window, so that flow-control tests count in it.
+SMALL_WINDOW = Limits(stream_window=F.INITIAL_WINDOW)
+
+
 class Pair:
     """A dialer and an acceptor session on one Link, sharing one Clock."""
 
-    def __init__(self, limits=Limits(), acceptor_limits=None, on_open=None,
+    def __init__(self, limits=SMALL_WINDOW, acceptor_limits=None, on_open=None,
                  dialer_on_open=None):
         self.clock = Clock()
         self.closes = []

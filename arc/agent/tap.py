@@ -2,6 +2,7 @@
 
 from twisted.application.service import MultiService
 
+from arc import allocator
 from arc import __version__
 from arc.agent.agent import Agent
 from arc.agent.config import load_agent_config
@@ -68,5 +69,6 @@ class AgentService(MultiService):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    allocator.tune()
     cfg, target = parsed_config(options, Options.loader)
     return AgentService(cfg, target, reactor)

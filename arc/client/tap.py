@@ -8,6 +8,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from arc import allocator
 from arc.client.config import load_client_config
 from arc.client.control import control_factory
 from arc.errors import ConfigError
@@ -184,4 +185,5 @@ class ProxyService(MultiService):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    allocator.tune()
     return ProxyService(parsed_config(options, load_client_config), reactor)

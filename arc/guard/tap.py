@@ -26,6 +26,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from arc import allocator
 from arc import config
 from arc.guard import sar
 from arc.guard.guard import Guard, GuardConfig, load_target, parse_guard
@@ -168,5 +169,6 @@ class GuardService(MultiService):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    allocator.tune()
     cfg, target = parsed_config(options, Options.loader)
     return GuardService(cfg, target, reactor)

@@ -11,12 +11,12 @@ Two kinds of connection are made:
   service-account token file, re-read periodically so rotation works).
 """
 
-from twisted.internet import ssl
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 
 from arc.errors import ConfigError
-from arc.tls import HTTP11, client_options
+from arc.tls import client_options, insecure_client_options
+from arc.tlssocket import TLSClientEndpoint
 
 GUARD = "guard"
 PASSTHROUGH = "passthrough"
@@ -33,7 +33,7 @@ class APIServer:
         if target.insecure_skip_tls_verify:
             self.log.warn("upstream {server}: insecure-skip-tls-verify is set; the API "
                           "server's certificate is NOT checked", server=target.server)
-            self._plain = ssl.CertificateOptions(verify=False, acceptableProtocols=list(HTTP11))
+            self._plain = insecure_client_options()
             self._guard = self._plain
         else:
             name = target.tls_server_name or target.host
@@ -74,4 +74,4 @@ class APIServer:
         endpoint = HostnameEndpoint(self.reactor, self.target.host, self.target.port,
                                     timeout=self.timeout)
         tls = self._guard if mode == GUARD else self._plain
-        return wrapClientTLS(tls, endpoint).connect(factory)
+        return TLSClientEndpoint(tls, endpoint).connect(factory)

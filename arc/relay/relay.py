@@ -116,7 +116,7 @@ class Relay:
         def start(send, close):
             session = Session(dialer=False, clock=self.clock, limits=self.limits,
                               name="agent:%s@%s" % (cluster, peer),
-                              on_close=self._agent_closed)
+                              on_close=self._agent_closed, views=True)
             session.cluster = cluster
             session.connected(send, close)
             self.agents.setdefault(cluster, []).append(session)
@@ -156,7 +156,8 @@ class Relay:
         def start(send, close):
             session = Session(dialer=False, clock=self.clock, limits=self.limits,
                               name="client:%s@%s" % (identity.name, peer),
-                              on_open=self._client_open, on_close=self._client_closed)
+                              on_open=self._client_open, on_close=self._client_closed,
+                              views=True)
             session.identity = identity
             session.connected(send, close)
             self.clients.add(session)

@@ -5,6 +5,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from arc import allocator
 from arc.ops.relaywatch import RelayWatch
 from arc.ops.statuspage import StatusPage
 from arc.relay.config import load_relay_config
@@ -78,5 +79,6 @@ class RelayService(MultiService):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    allocator.tune()
     return RelayService(parsed_config(options, load_relay_config), reactor,
                         reload_interval=options.get("reload-interval", 5.0))

@@ -28,11 +28,28 @@ from twisted.logger import Logger
 
 from arc.ratelog import RateLimitedLog
 from arc.tls import is_tls_failure, set_nodelay
+from arc.tlssocket import is_tls
 
 RAW_UPGRADE = "arc-tunnel/1"
 WS_SUBPROTOCOL = "arc-tunnel.v1"
 MAX_HEAD = 16 * 1024
 MAX_ERROR_BODY = 4096
+
+
+def frame_sender(transport):
+    """``send(chunks)`` for a session on ``transport``.
+
+    Chunks may be memoryviews (the relay forwards payloads as views of what
+    it read): a TLS transport gathers them itself, anything else gets one
+    joined ``bytes``.
+    """
+    if is_tls(transport) or not hasattr(transport, "socket"):
+        return transport.writeSequence
+
+    def send(chunks):
+        transport.write(b"".join(chunks))
+
+    return send
 
 
 class HeadError(Exception):
@@ -249,7 +266,7 @@ class TunnelServerProtocol(Protocol):
             self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
                                  b"Connection: Upgrade\r\nUpgrade: " + RAW_UPGRADE.encode()
                                  + b"\r\n\r\n")
-            session = start_session(self.transport.writeSequence, self.transport.loseConnection)
+            session = start_session(frame_sender(self.transport), self.transport.loseConnection)
             session.transport = self.transport
             self._inner = session
             self._raw = True
@@ -392,7 +409,7 @@ class RawDialerProtocol(Protocol):
             self._cancel_timer()
             session = self._make_session()
             self.session = session
-            session.connected(self.transport.writeSequence, self.transport.loseConnection)
+            session.connected(frame_sender(self.transport), self.transport.loseConnection)
             session.transport = self.transport
             self.dataReceived = session.dataReceived
             self.upgraded.callback(session)

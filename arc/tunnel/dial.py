@@ -22,10 +22,11 @@ from urllib.parse import urlsplit
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 
 from arc.tls import is_tls_failure
+from arc.tlssocket import TLSClientEndpoint
 from arc.tunnel.carrier import RawDialerFactory, UpgradeRefused, websocket_dialer_factory
 from arc.tunnel.connectproxy import HTTPConnectEndpoint, ProxyError, proxy_for
 from arc.tunnel.session import drain
@@ -184,7 +185,7 @@ class TunnelDialer(Service):
                 endpoint = HostnameEndpoint(self.reactor, host, port)
             if parts.scheme == "https":
                 # Connect to the address, check the certificate against the name.
-                endpoint = wrapClientTLS(self.tls_options, endpoint)
+                endpoint = TLSClientEndpoint(self.tls_options, endpoint)
             endpoints.append(endpoint)
         endpoint = endpoints[0] if len(endpoints) == 1 else _RotatingEndpoint(endpoints)
         return _ReportingEndpoint(endpoint, self)

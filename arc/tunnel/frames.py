@@ -182,3 +182,133 @@ class FrameDecoder:
                                     FLOW_CONTROL_ERROR)
         elif stream_id != 0:
             raise ProtocolError("%s on stream %d (must be 0)" % (TYPE_NAMES[ftype], stream_id))
+
+
+# SYN and RST payloads (stream metadata, reset reasons) are handed over whole,
+# so they are held until complete; this bounds what a peer can make us hold.
+MAX_CONTROL_PAYLOAD = 64 * 1024
+
+
+class PieceDecoder:
+    """Incremental decoder that passes DATA payloads on as they arrive.
+
+    ``feed(data)`` returns events ``(type, flags, stream_id, value,
+    payload)`` in the shape of :class:`FrameDecoder`'s frames, except that
+    the payload of a DATA frame comes in *pieces*, as soon as any of it is
+    there: a frame split over two reads gives two events.  Every piece but
+    the last of a frame has flags 0 and the last carries the frame's
+    flags; ``value`` is the piece's length.  The payloads of SYN and RST
+    frames (stream metadata, reset reasons) come whole, as ``bytes``, and
+    may be at most :data:`MAX_CONTROL_PAYLOAD` bytes.
+
+    With ``views`` the pieces are memoryviews of the data fed (no copy: the
+    relay forwards them as they are), otherwise ``bytes``.
+
+    Nothing waits for a whole frame, so at most a partial header and a
+    partial SYN/RST payload are held between calls.  Malformed input raises
+    :class:`ProtocolError`; after that the decoder refuses further input.
+    """
+
+    def __init__(self, max_frame=DEFAULT_MAX_FRAME, views=False):
+        self.max_frame = max_frame
+        self.views = views
+        self._head = b""          # the start of a header split between reads
+        self._left = 0            # payload bytes of the current DATA frame to come
+        self._flags = 0           # ... its flags
+        self._sid = 0             # ... its stream
+        self._hold = None         # ... its SYN/RST payload so far (bytearray)
+        self._failed = None
+
+    @property
+    def buffered(self):
+        return len(self._head) + (len(self._hold) if self._hold is not None else 0)
+
+    def feed(self, data):
+        if self._failed is not None:
+            raise self._failed
+        out = []
+        end = len(data)
+        off = 0
+        if self._left:
+            off = self._payload(data, 0, end, out)
+        elif self._head:
+            need = HEADER_SIZE - len(self._head)
+            if end < need:
+                self._head += bytes(data)
+                return out
+            header = self._head + bytes(data[:need])
+            self._head = b""
+            off = self._frame(header, 0, data, need, end, out)
+        unpack = HEADER.unpack_from
+        while off < end:
+            if end - off < HEADER_SIZE:
+                self._head = bytes(data[off:end])
+                break
+            off = self._frame(data, off, data, off + HEADER_SIZE, end, out, unpack)
+        return out
+
+    def _frame(self, hdata, hoff, data, off, end, out, unpack=HEADER.unpack_from):
+        """Decode the header at ``hdata[hoff:]``; its payload starts at ``data[off]``."""
+        version, ftype, flags, sid, length = unpack(hdata, hoff)
+        if (version != VERSION or ftype > GOAWAY or flags & ~ALL_FLAGS
+                or (ftype <= WINDOW_UPDATE) == (sid == 0)):
+            self._fail(version, ftype, flags, sid, length)
+        if ftype != DATA:
+            if ftype == WINDOW_UPDATE and length > MAX_WINDOW:
+                self._fail(version, ftype, flags, sid, length)
+            out.append((ftype, flags, sid, length, b""))
+            return off
+        if length > self.max_frame:
+            self._fail(version, ftype, flags, sid, length)
+        if not length:
+            out.append((DATA, flags, sid, 0, b""))
+            return off
+        self._flags = flags
+        self._sid = sid
+        self._left = length
+        if flags & (SYN | RST):
+            if length > MAX_CONTROL_PAYLOAD:
+                self._failed = ProtocolError("%s payload of %d bytes exceeds the limit of %d"
+                                             % ("SYN" if flags & SYN else "RST", length,
+                                                MAX_CONTROL_PAYLOAD))
+                raise self._failed
+            self._hold = bytearray()
+        return self._payload(data, off, end, out)
+
+    def _payload(self, data, off, end, out):
+        """Take what ``data[off:end]`` holds of the current frame's payload."""
+        take = self._left
+        if take > end - off:
+            take = end - off
+        if not take:
+            return off
+        self._left -= take
+        stop = off + take
+        hold = self._hold
+        if hold is not None:
+            hold += data[off:stop]
+            if not self._left:
+                self._hold = None
+                out.append((DATA, self._flags, self._sid, len(hold), bytes(hold)))
+            return stop
+        if self.views:
+            piece = memoryview(data)[off:stop]
+        elif off == 0 and stop == len(data):
+            piece = data if isinstance(data, bytes) else bytes(data)
+        else:
+            piece = data[off:stop]
+            if not isinstance(piece, bytes):
+                piece = bytes(piece)
+        out.append((DATA, 0 if self._left else self._flags, self._sid, take, piece))
+        return stop
+
+    def _fail(self, version, ftype, flags, sid, length):
+        try:
+            FrameDecoder(self.max_frame)._check(version, ftype, flags, sid, length)
+            error = ProtocolError("malformed frame header")
+        except ProtocolError as e:
+            error = e
+        self._failed = error
+        self._head = b""
+        self._hold = None
+        raise error

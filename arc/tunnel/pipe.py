@@ -13,6 +13,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from arc.tls import set_nodelay
+from arc.tlssocket import is_tls
 from arc.tunnel import frames as F
 from arc.tunnel.stream import StreamReset
 
@@ -122,8 +123,12 @@ class StreamPipe(Protocol):
 
 
 def _supports_half_close(transport):
-    """Plain TCP can half-close; TLS (Twisted's TLS layer) cannot."""
-    if isinstance(transport, TLSMemoryBIOProtocol):
+    """Plain TCP can half-close; TLS connections are not half-closed here.
+
+    (A TLS 1.3 ``close_notify`` could close one direction, but kubectl and
+    API servers treat it as the end of the connection.)
+    """
+    if isinstance(transport, TLSMemoryBIOProtocol) or is_tls(transport):
         return False
     return ITCPTransport.providedBy(transport)
 

@@ -35,6 +35,11 @@ class Limits:
     # Streams this side opened that the peer has not answered yet (no frame
     # back): a stalled peer cannot make the opener pile up half-open streams.
     max_pending_opens: int = 1000
+    # Bytes of one stream the peer may have in flight towards this side: the
+    # protocol's initial window, raised by the first WINDOW_UPDATE.  A
+    # stream's data crosses three hops, so one window must cover the time
+    # credit takes to come back through all of them (docs/performance.md).
+    stream_window: int = 1024 * 1024
 
 
 class RefuseStream(Exception):
@@ -56,6 +61,11 @@ class Session:
     :param on_goaway: ``on_goaway(session, code)`` when the peer drains.
     :param on_close: ``on_close(session, code, reason)`` once, when the
         tunnel ends for any reason.
+    :param views: hand DATA payloads to handlers as memoryviews of the
+        bytes received instead of ``bytes`` (handlers that only pass them on).
+
+    A DATA frame may reach its handler in several pieces (as its bytes
+    arrive); only the last carries the frame's flags.
     """
 
     log = Logger()
@@ -64,7 +74,7 @@ class Session:
     transport = None
 
     def __init__(self, *, dialer, clock, limits=Limits(), name="tunnel",
-                 on_open=None, on_goaway=None, on_close=None):
+                 on_open=None, on_goaway=None, on_close=None, views=False):
         self.dialer = dialer
         self.clock = clock
         self.limits = limits
@@ -76,7 +86,9 @@ class Session:
         self.pending_opens = set()
         self._idle_waiters = []
         self._next_id = 1 if dialer else 2
-        self._decoder = F.FrameDecoder(limits.max_frame)
+        # DATA payloads are handed on as they arrive (the relay: as views of
+        # the bytes read, forwarded without a copy).
+        self._decoder = F.PieceDecoder(limits.max_frame, views=views)
         self._send = None
         self._close_transport = None
         self._timer = None

@@ -22,7 +22,11 @@ def parse_limits(node):
         drain_timeout=section.positive("drain_timeout", float, Limits.drain_timeout),
         max_pending_opens=section.positive("max_pending_opens", int,
                                            Limits.max_pending_opens),
+        stream_window=section.positive("stream_window", int, Limits.stream_window),
     )
+    if not F.INITIAL_WINDOW <= limits.stream_window <= 64 * 1024 * 1024:
+        raise section.error("stream_window", "must be between %d (the protocol's initial "
+                            "window) and 64 MiB" % (F.INITIAL_WINDOW,))
     if limits.max_frame > 16 * 1024 * 1024:
         raise section.error("max_frame", "must be at most 16 MiB")
     if limits.dead_after <= limits.ping_interval:

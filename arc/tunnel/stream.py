@@ -58,12 +58,14 @@ class Stream:
     # reason)`` once, at the end (metrics: arc.ops.tunnelend); None: nobody.
     observer = None
 
-    def __init__(self, session, metadata=b"", *, window=F.INITIAL_WINDOW):
+    def __init__(self, session, metadata=b"", *, window=None):
         self.session = session
         self.id = None
         self.metadata = metadata
         self.protocol = None
-        self.window = window
+        if window is None:
+            window = getattr(session.limits, "stream_window", F.INITIAL_WINDOW)
+        self.window = max(window, F.INITIAL_WINDOW)
         self._send_window = F.INITIAL_WINDOW
         self._granted = F.INITIAL_WINDOW
         self._unacked = 0
@@ -84,8 +86,15 @@ class Stream:
     # -- life cycle ---------------------------------------------------------
 
     def opened(self, sid, open_timeout=None):
-        """Called once the id is known, for streams opened by this side."""
+        """Called once the id is known, for streams opened by this side.
+
+        A window larger than the protocol's initial one is granted at once.
+        """
         self.id = sid
+        extra = self.window - F.INITIAL_WINDOW
+        if extra:
+            self._granted += extra
+            self.session.send_frame(F.WINDOW_UPDATE, 0, sid, extra)
         if open_timeout:
             self._open_timer = self.session.clock.callLater(open_timeout, self._open_timed_out)
 
