@@ -15,11 +15,10 @@ is switched, once the TCP connection exists, to one whose ``doRead`` and
 aborts, addresses, ``setTcpNoDelay``) is Twisted's own code.  Two further
 savings:
 
-* writes made while the reactor is dispatching a read of such a transport
-  are sent when that dispatch ends, one TLS write per connection for
-  everything the read caused, without the extra round through ``epoll``
-  that waiting for writability costs (writes from anywhere else wait for
-  writability as usual);
+* what is written to a connection during one reactor iteration is sent at
+  its end, one TLS write for all of it (many streams' frames share records
+  and system calls), without the extra round through ``epoll`` that waiting
+  for writability costs;
 * one read event takes up to :data:`READ_LIMIT` bytes of records at once.
 
 Where the transport is not a plain TCP connection (a TLS layer already,
@@ -77,18 +76,48 @@ _ZeroReturn = SSL.ZeroReturnError
 _SysCall = SSL.SysCallError
 _Error = SSL.Error
 
-# Writes made during the dispatch of a read are flushed when it ends.
-_dispatching = 0
+# Connections written to since the reactor last flushed them.  They are sent
+# once the events of the current reactor iteration have all been handled:
+# just before the reactor waits for events again (see _hook), or, with a
+# reactor that cannot be hooked, by a callLater(0).
 _dirty = []
+_scheduled = []
+_hooked = set()
 
 
 def _flush_dirty():
+    del _scheduled[:]
     while _dirty:
         batch = list(_dirty)
         del _dirty[:]
         for transport in batch:
             transport._queued = False
             transport._flush()
+
+
+def _hook(reactor):
+    """Flush written connections each time ``reactor`` is about to poll.
+
+    Twisted's reactors run ``doIteration(timeout)`` once per turn of their
+    main loop, after the timed calls; wrapping it on the reactor object is
+    cheaper than one DelayedCall per turn.  True when installed.
+    """
+    if id(reactor) in _hooked:
+        return True
+    poll = getattr(reactor, "doIteration", None)
+    if poll is None or not hasattr(reactor, "mainLoop"):
+        return False
+
+    def doIteration(timeout):
+        if _dirty:
+            _flush_dirty()
+            if _dirty:      # a flush that wrote more (a producer resumed)
+                timeout = 0
+        poll(timeout)
+
+    reactor.doIteration = doIteration
+    _hooked.add(id(reactor))
+    return True
 
 
 class _TLSMixin:
@@ -108,12 +137,14 @@ class _TLSMixin:
     _write_closed = False   # close_notify sent (loseWriteConnection)
     _read_closed = False    # close_notify received, protocol half-closed
     _lingering = None       # the timer of a closing connection draining input
+    _hooked = False         # the reactor flushes before it polls (_hook)
 
     # Twisted's ALPN and SNI callbacks find ``connection.get_app_data().factory
     # .wrappedFactory`` and ``.abortConnection()`` (as on TLSMemoryBIOProtocol).
     factory = None
 
     def _start(self, connection, check):
+        self._hooked = _hook(self.reactor)
         self._tls = connection
         connection.set_app_data(self)
         self._check = check
@@ -123,22 +154,14 @@ class _TLSMixin:
     # -- reading -------------------------------------------------------------
 
     def doRead(self):
-        global _dispatching
-        _dispatching += 1
-        try:
-            if self._handshaking:
-                result = self._handshake()
-                if result is None and not self._handshaking:
-                    result = self._read()
-            elif self._lingering is not None:
-                result = self._drain()
-            else:
+        if self._handshaking:
+            result = self._handshake()
+            if result is None and not self._handshaking:
                 result = self._read()
-        finally:
-            _dispatching -= 1
-        if not _dispatching and _dirty:
-            _flush_dirty()
-        return result
+            return result
+        if self._lingering is not None:
+            return self._drain()
+        return self._read()
 
     def _read(self):
         recv = self._tls.recv
@@ -150,6 +173,11 @@ class _TLSMixin:
                 data = recv(_RECORD)
                 chunks.append(data)
                 size += len(data)
+                if len(data) < _RECORD:
+                    # Not a full record: most likely all the peer wrote for now.
+                    # If more is waiting, epoll says so again; asking OpenSSL
+                    # here would cost a failing read and an exception each time.
+                    break
         except _WantRead:
             pass
         except _ZeroReturn:
@@ -244,14 +272,12 @@ class _TLSMixin:
         self._want_flush()
 
     def _want_flush(self):
-        if self._handshaking:
+        if self._handshaking or self._queued:
             return
-        if _dispatching:
-            if not self._queued:
-                self._queued = True
-                _dirty.append(self)
-        else:
-            self.startWriting()
+        self._queued = True
+        _dirty.append(self)
+        if not self._hooked and not _scheduled:
+            _scheduled.append(self.reactor.callLater(0, _flush_dirty))
 
     def _flush(self):
         """Send what is buffered now; wait for writability for the rest."""

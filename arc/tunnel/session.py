@@ -153,7 +153,8 @@ class Session:
 
     def send(self, chunks):
         if self._send is not None and not self.closed:
-            self.bytes_out += sum(len(c) for c in chunks)
+            for chunk in chunks:
+                self.bytes_out += len(chunk)
             self._send(chunks)
 
     def send_frame(self, ftype, flags, sid, value, payload=b""):
