@@ -138,6 +138,7 @@ class _TLSMixin:
     _read_closed = False    # close_notify received, protocol half-closed
     _lingering = None       # the timer of a closing connection draining input
     _hooked = False         # the reactor flushes before it polls (_hook)
+    drained = None          # called each time everything written has been sent
 
     # Twisted's ALPN and SNI callbacks find ``connection.get_app_data().factory
     # .wrappedFactory`` and ``.abortConnection()`` (as on TLSMemoryBIOProtocol).
@@ -296,7 +297,11 @@ class _TLSMixin:
             result = self._handshake()
             if result is not None or self._handshaking:
                 return result
-        return tcp.Connection.doWrite(self)
+        why = tcp.Connection.doWrite(self)
+        if (why is None and self.drained is not None and not self._tempDataLen
+                and not self.dataBuffer and not self.disconnecting):
+            self.drained()
+        return why
 
     def writeSomeData(self, data):
         """Encrypt and send as much of ``data`` as the socket takes now.
@@ -413,6 +418,10 @@ class _TLSMixin:
             if self in _dirty:
                 _dirty.remove(self)
         tcp.Connection.connectionLost(self, reason)
+
+    def buffered_bytes(self):
+        """Bytes written to this connection and not yet sent to the socket."""
+        return self._tempDataLen + len(self.dataBuffer) - self.offset
 
     # -- ISSLTransport and friends ----------------------------------------------------
 

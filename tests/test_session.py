@@ -610,3 +610,118 @@ class SendTests(unittest.TestCase):
         [frame] = p.link.sent[p.dialer]
         self.assertEqual(frame[:3], (F.DATA, F.RST, 7))
         self.assertEqual(F.parse_rst(frame[4]), (F.TIMEOUT, "slow"))
+
+
+class FakeCarrier:
+    """A carrier that holds what it is given until told it has sent it."""
+
+    def __init__(self):
+        self.waiting = []       # byte strings written, not yet "sent"
+        self.sent = []          # decoded frames, in the order they left
+        self.drained = None
+        self.decoder = F.FrameDecoder(1 << 24)
+
+    def send(self, chunks):
+        self.waiting.append(b"".join(bytes(c) for c in chunks))
+
+    def buffered_bytes(self):
+        return sum(len(d) for d in self.waiting)
+
+    def drain(self):
+        """The socket took everything: as the TLS transport does, say so."""
+        while self.waiting:
+            data = self.waiting.pop(0)
+            self.sent.extend(self.decoder.feed(data))
+            if not self.waiting and self.drained is not None:
+                self.drained()
+
+    def close(self):
+        pass
+
+
+class BulkPacingTests(unittest.TestCase):
+    """Frames of streams past their first BULK_AFTER bytes wait in the session
+    while the carrier holds CARRIER_BUFFER bytes; everything else goes on."""
+
+    def setUp(self):
+        from arc.tunnel import session as S
+        self.S = S
+        self.session = Session(dialer=True, clock=Clock(), limits=Limits(ping_interval=0))
+        self.carrier = FakeCarrier()
+        self.session.connected(self.carrier.send, self.carrier.close)
+        self.session.transport = self.carrier
+        self.session.pace(self.carrier)
+
+    def data(self, sid, payload, bulk, flags=0):
+        self.session.send([F.header(F.DATA, flags, sid, len(payload)), payload], bulk)
+
+    def test_small_frames_overtake_held_bulk(self):
+        big = b"b" * self.S.CARRIER_BUFFER
+        self.data(1, big, bulk=True)            # fills the carrier
+        self.data(1, b"more", bulk=True)        # held
+        self.data(1, b"", bulk=True, flags=F.FIN)   # held behind it
+        self.data(3, b"small answer", bulk=False)
+        self.session.send_frame(F.WINDOW_UPDATE, 0, 5, 1000)
+        self.assertEqual(self.session.held, 2 * F.HEADER_SIZE + 4)
+        self.carrier.drain()
+        order = [(sid, flags, payload) for _, flags, sid, _, payload in self.carrier.sent]
+        self.assertEqual(order, [(1, 0, big), (3, 0, b"small answer"), (5, 0, b""),
+                                 (1, 0, b"more"), (1, F.FIN, b"")])
+        self.assertEqual(self.session.held, 0)
+
+    def test_bulk_goes_straight_on_while_the_carrier_is_nearly_empty(self):
+        self.data(1, b"x" * 1000, bulk=True)
+        self.assertEqual(self.session.held, 0)
+        self.assertEqual(len(self.carrier.waiting), 1)
+
+    def test_held_frames_leave_in_order_as_the_carrier_drains(self):
+        chunk = b"c" * (self.S.CARRIER_BUFFER // 2)
+        for n in range(8):
+            self.data(1, bytes([n]) * len(chunk), bulk=True)
+        self.assertGreater(self.session.held, 0)
+        self.carrier.drain()
+        self.assertEqual([p[:1] for _, _, _, _, p in self.carrier.sent],
+                         [bytes([n]) for n in range(8)])
+
+    def test_bytes_out_counts_held_frames_when_they_leave(self):
+        self.data(1, b"b" * self.S.CARRIER_BUFFER, bulk=True)
+        before = self.session.bytes_out
+        self.data(1, b"held", bulk=True)
+        self.assertEqual(self.session.bytes_out, before)
+        self.carrier.drain()
+        self.assertEqual(self.session.bytes_out, before + F.HEADER_SIZE + 4)
+
+    def test_closing_drops_held_frames_and_unhooks(self):
+        self.data(1, b"b" * self.S.CARRIER_BUFFER, bulk=True)
+        self.data(1, b"held", bulk=True)
+        self.session.close("bye")
+        self.assertEqual(self.session.held, 0)
+        self.assertIsNone(self.carrier.drained)
+
+
+class StreamBulkTests(unittest.TestCase):
+    def test_a_stream_turns_bulk_after_its_first_bytes_and_its_fin_follows_its_data(self):
+        from arc.tunnel import session as S
+        session = Session(dialer=True, clock=Clock(), limits=Limits(ping_interval=0))
+        carrier = FakeCarrier()
+        session.connected(carrier.send, carrier.close)
+        session.transport = carrier
+        session.pace(carrier)
+        stream = Stream(session)
+        stream.opened(session.open(stream))
+        stream._send_window = 10 * S.BULK_AFTER      # as if the peer had granted credit
+        stream.write(b"a" * S.BULK_AFTER)           # the first bytes: not bulk
+        other = Stream(session)
+        other.opened(session.open(other))
+        stream.write(b"b" * S.CARRIER_BUFFER)       # bulk now, and the carrier is full
+        stream.write(b"tail")
+        stream.loseConnection()
+        other.write(b"quick")
+        self.assertGreater(session.held, 0)
+        carrier.drain()
+        mine = [(flags, payload[:1]) for ftype, flags, sid, _, payload in carrier.sent
+                if ftype == F.DATA and sid == stream.id and not flags & F.SYN]
+        self.assertEqual(mine, [(0, b"a"), (0, b"b"), (0, b"t"), (F.FIN, b"")])
+        sids = [sid for ftype, flags, sid, _, payload in carrier.sent
+                if ftype == F.DATA and payload in (b"quick", b"tail")]
+        self.assertEqual(sids, [other.id, stream.id])

@@ -334,3 +334,20 @@ def threads_call(f, *args):
 
     threading.Thread(target=run, daemon=True).start()
     return d
+
+
+class DrainedTests(Base):
+    @defer.inlineCallbacks
+    def test_drained_is_called_once_everything_is_sent(self):
+        port = self.listen(Recorder)
+        client = Recorder()
+        yield self.connect(port, client)
+        self.cleanup_transport(client)
+        yield client.handshake
+        calls = []
+        client.transport.drained = lambda: calls.append(client.transport.buffered_bytes())
+        client.transport.write(b"q" * 1000000)
+        self.assertEqual(client.transport.buffered_bytes(), 1000000)
+        yield wait_until(lambda: calls)
+        self.assertEqual(calls[0], 0)
+        yield wait_until(lambda: self.servers and len(self.servers[0].data) == 1000000)

@@ -12,6 +12,7 @@ make the relay buffer without bound).
 """
 
 from arc.tunnel import frames as F
+from arc.tunnel.session import BULK_AFTER
 
 _header = F.header
 _DATA = F.DATA
@@ -52,9 +53,10 @@ class Half:
                     self._end()
                     return
                 self.bytes += n
-                peer.session.send([_header(_DATA, flags, peer.id, n), payload])
+                peer.session.send([_header(_DATA, flags, peer.id, n), payload],
+                                  self.bytes > BULK_AFTER)
             else:
-                peer.session.send([_header(_DATA, flags, peer.id, 0)])
+                peer.session.send([_header(_DATA, flags, peer.id, 0)], self.bytes > BULK_AFTER)
             if flags & _FIN:
                 self.fin = True
                 if peer.fin:

@@ -18,6 +18,7 @@ cause and the fix.
 
 import json
 import re
+import socket
 
 from autobahn.twisted.websocket import (WebSocketClientFactory, WebSocketClientProtocol,
                                         WebSocketServerFactory, WebSocketServerProtocol)
@@ -30,10 +31,33 @@ from arc.ratelog import RateLimitedLog
 from arc.tls import is_tls_failure, set_nodelay
 from arc.tlssocket import is_tls
 
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)    # Linux
+
 RAW_UPGRADE = "arc-tunnel/1"
 WS_SUBPROTOCOL = "arc-tunnel.v1"
 MAX_HEAD = 16 * 1024
 MAX_ERROR_BODY = 4096
+
+
+# Unsent bytes a tunnel socket may hold in the kernel: beyond it, frames wait
+# in arc, where a small answer can overtake a large download's frames.
+NOTSENT_LOWAT = 128 * 1024
+
+
+def attach(session, transport):
+    """Give ``session`` its carrier ``transport`` (raw tunnel carriers).
+
+    On a TLS-on-socket transport the session paces its bulk frames by the
+    transport's buffer, and the kernel keeps at most NOTSENT_LOWAT unsent
+    bytes, so that other streams' frames are not queued behind a download.
+    """
+    session.transport = transport
+    if is_tls(transport):
+        try:
+            transport.socket.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        except OSError:
+            pass
+        session.pace(transport)
 
 
 def frame_sender(transport):
@@ -267,7 +291,7 @@ class TunnelServerProtocol(Protocol):
                                  b"Connection: Upgrade\r\nUpgrade: " + RAW_UPGRADE.encode()
                                  + b"\r\n\r\n")
             session = start_session(frame_sender(self.transport), self.transport.loseConnection)
-            session.transport = self.transport
+            attach(session, self.transport)
             self._inner = session
             self._raw = True
             # Hot path: frames go straight to the session from now on.
@@ -410,7 +434,7 @@ class RawDialerProtocol(Protocol):
             session = self._make_session()
             self.session = session
             session.connected(frame_sender(self.transport), self.transport.loseConnection)
-            session.transport = self.transport
+            attach(session, self.transport)
             self.dataReceived = session.dataReceived
             self.upgraded.callback(session)
             if rest:

@@ -14,12 +14,20 @@ reason)``.  Endpoints use :class:`arc.tunnel.stream.Stream` (an
 that forward frames to another session without decoding payloads.
 """
 
+from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from arc.tunnel import frames as F
+
+# Head-of-line blocking: a stream that has sent this many bytes is "bulk";
+# its further frames wait in the session while the carrier already holds
+# CARRIER_BUFFER bytes, so that the frames of other streams (small answers,
+# control frames, credit) never queue behind a large download.
+BULK_AFTER = 64 * 1024
+CARRIER_BUFFER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,7 @@ class Limits:
     # protocol's initial window, raised by the first WINDOW_UPDATE.  A
     # stream's data crosses three hops, so one window must cover the time
     # credit takes to come back through all of them (docs/performance.md).
-    stream_window: int = 1024 * 1024
+    stream_window: int = 256 * 1024
 
 
 class RefuseStream(Exception):
@@ -66,6 +74,11 @@ class Session:
 
     A DATA frame may reach its handler in several pieces (as its bytes
     arrive); only the last carries the frame's flags.
+
+    Frames are sent in order, except that frames marked *bulk* (those of a
+    stream past its first :data:`BULK_AFTER` bytes) wait in the session
+    while the carrier's buffer holds :data:`CARRIER_BUFFER` bytes or more,
+    and are handed on, in order, as the carrier drains (see :meth:`pace`).
     """
 
     log = Logger()
@@ -103,8 +116,39 @@ class Session:
         self.close_reason = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self._bulk = deque()
+        self._buffered = None     # () -> bytes the carrier still holds, once paced
 
     # -- carrier side ------------------------------------------------------
+
+    def pace(self, transport):
+        """Hold bulk frames back while ``transport`` holds enough bytes.
+
+        ``transport`` (an :mod:`arc.tlssocket` connection) tells how many
+        bytes it still has to send (``buffered_bytes()``) and calls
+        ``drained()`` each time it has sent everything.
+        """
+        self._buffered = transport.buffered_bytes
+        transport.drained = self._carrier_drained
+
+    def _carrier_drained(self):
+        """The carrier wrote everything it had: hand on held bulk frames."""
+        bulk = self._bulk
+        if not bulk or self.closed:
+            return
+        buffered = self._buffered
+        send = self._send
+        while bulk and buffered() < CARRIER_BUFFER:
+            chunks = bulk.popleft()
+            for chunk in chunks:
+                self.bytes_out += len(chunk)
+            send(chunks)
+
+    def _unpace(self):
+        if self._buffered is not None:
+            self._buffered = None
+            self._bulk.clear()
+            self.transport.drained = None
 
     def connected(self, send, close):
         """The carrier is ready: ``send(list_of_bytes)``, ``close()``."""
@@ -151,17 +195,27 @@ class Session:
 
     # -- stream side -------------------------------------------------------
 
-    def send(self, chunks):
-        if self._send is not None and not self.closed:
-            for chunk in chunks:
-                self.bytes_out += len(chunk)
-            self._send(chunks)
+    def send(self, chunks, bulk=False):
+        if self._send is None or self.closed:
+            return
+        if bulk and self._buffered is not None and (
+                self._bulk or self._buffered() >= CARRIER_BUFFER):
+            self._bulk.append(chunks)
+            return
+        for chunk in chunks:
+            self.bytes_out += len(chunk)
+        self._send(chunks)
 
-    def send_frame(self, ftype, flags, sid, value, payload=b""):
+    @property
+    def held(self):
+        """Bytes of bulk frames waiting for the carrier to drain."""
+        return sum(len(c) for chunks in self._bulk for c in chunks)
+
+    def send_frame(self, ftype, flags, sid, value, payload=b"", bulk=False):
         if payload:
-            self.send([F.header(ftype, flags, sid, value), payload])
+            self.send([F.header(ftype, flags, sid, value), payload], bulk)
         else:
-            self.send([F.header(ftype, flags, sid, value)])
+            self.send([F.header(ftype, flags, sid, value)], bulk)
 
     def send_reset(self, sid, code, reason):
         payload = F.rst_payload(code, reason)
@@ -243,6 +297,7 @@ class Session:
         self.log.warn("tunnel {name} closed: {reason}", name=self.name, reason=reason)
         self.send_frame(F.GOAWAY, 0, 0, code)
         self._shutdown(code, reason)
+        self._unpace()
         abort_carrier = getattr(self.transport, "abortConnection", None) if abort else None
         if abort_carrier is not None:
             abort_carrier()
@@ -254,6 +309,7 @@ class Session:
         if self.closed:
             return
         self._shutdown(F.TUNNEL_LOST, reason)
+        self._unpace()
         if self._close_transport is not None:
             self._close_transport()
 

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from arc.tunnel import frames as F
+from arc.tunnel.session import BULK_AFTER
 
 
 class StreamReset(error.ConnectionLost):
@@ -216,10 +217,11 @@ class Stream:
         n = len(data)
         self._send_window -= n
         self.bytes_out += n
+        bulk = self.bytes_out > BULK_AFTER
         limit = self.session.limits.max_frame
         header = F.header
         if n <= limit:
-            self.session.send([header(F.DATA, 0, self.id, n), data])
+            self.session.send([header(F.DATA, 0, self.id, n), data], bulk)
             return
         view = memoryview(data)
         chunks = []
@@ -227,7 +229,7 @@ class Stream:
             part = view[i:i + limit]
             chunks.append(header(F.DATA, 0, self.id, len(part)))
             chunks.append(part)
-        self.session.send(chunks)
+        self.session.send(chunks, bulk)
 
     def _flush(self):
         pending = self._pending
@@ -266,7 +268,8 @@ class Stream:
 
     def _send_fin(self):
         self._fin_sent = True
-        self.session.send_frame(F.DATA, F.FIN, self.id, 0)
+        # After the stream's last data, even when that waits in the session.
+        self.session.send_frame(F.DATA, F.FIN, self.id, 0, bulk=self.bytes_out > BULK_AFTER)
         self._maybe_done()
 
     def loseConnection(self):
