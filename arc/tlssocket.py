@@ -284,7 +284,26 @@ class _TLSMixin:
         """Send what is buffered now; wait for writability for the rest."""
         if self.disconnected or not self.connected or self._aborting:
             return
-        why = self.doWrite()
+        temp = self._tempDataBuffer
+        if (temp and not self.dataBuffer and not self.disconnecting
+                and not self._writeDisconnecting and self.producer is None):
+            # The common case, without Twisted's general doWrite: everything
+            # written since the last flush, in one TLS write.
+            data = temp[0] if len(temp) == 1 else b"".join(temp)
+            self._tempDataBuffer = []
+            self._tempDataLen = 0
+            sent = self.writeSomeData(data)
+            if isinstance(sent, int) and sent >= 0:
+                if sent < len(data):
+                    self.dataBuffer = data
+                    self.offset = sent
+                    self.startWriting()
+                elif self.drained is not None:
+                    self.drained()
+                return
+            why = sent
+        else:
+            why = self.doWrite()
         if why:
             self.stopReading()
             self.stopWriting()
