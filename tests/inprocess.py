@@ -32,12 +32,14 @@ class InProcessChain:
     """
 
     def __init__(self, testcase, backend_factory, *, limits=None, make_guard=None,
-                 dialer_options=None):
+                 dialer_options=None, transport="tunnel"):
         self.testcase = testcase
         self.backend_factory = backend_factory
         self.limits = limits or Limits()
         self.make_guard = make_guard            # make_guard(upstream) -> Guard or None
         self.dialer_options = dict(dialer_options or {})
+        self.transport = transport              # the carrier of both tunnels
+        self.dialer_options.setdefault("transport", transport)
 
     def _listen(self, factory):
         port = reactor.listenTCP(0, TLSMemoryBIOFactory(self.tls, False, factory),
@@ -78,7 +80,7 @@ class InProcessChain:
             file="in-process-test", listen="tcp:0:interface=127.0.0.1",
             state_dir=os.path.join(base, "client"),
             relay=RelayLink(url=relay_url, server_name="localhost", ca_pem=self.ca,
-                            credential=lambda: "user-token", transport="tunnel",
+                            credential=lambda: "user-token", transport=self.transport,
                             websocket_mask=True),
             kubeconfig=os.path.join(base, "kubeconfig"), set_current_context=False,
             clusters=(ClusterEntry("demo", "demo", None, None),), limits=self.limits)

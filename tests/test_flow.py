@@ -145,3 +145,104 @@ class FlowControlTests(unittest.TestCase):
         proto.transport.abortConnection()
         yield self.wait(lambda: not any(s.streams for s in self.agent.sessions)
                         and Backend.connections == 0, "every stream and connection to end")
+
+
+class BulkOverEachCarrierTests(unittest.TestCase):
+    """A download runs at full speed on either carrier: credit keeps flowing."""
+
+    timeout = 120
+    transport = "tunnel"
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        Backend.sent = 0
+        chain = yield InProcessChain(self, Factory.forProtocol(Backend),
+                                     transport=self.transport).start()
+        self.agent, self.proxy = chain.agent, chain.proxy
+        self.endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", self.proxy.port,
+                                           chain.proxy_tls)
+
+    @defer.inlineCallbacks
+    def test_download(self):
+        reader = Reader()
+        proto = yield connectProtocol(self.endpoint, reader)
+        proto.transport.write(b"big\n")
+        size = 64 * 1024 * 1024
+        started = reactor.seconds()
+        yield wait(self, lambda: reader.received >= size, "64 MB through the %s carrier"
+                   % self.transport, timeout=60)
+        elapsed = reactor.seconds() - started
+        print("\n%s carrier: 64 MB in %.2f s" % (self.transport, elapsed))
+        proto.transport.abortConnection()
+        yield wait(self, lambda: not any(s.streams for s in self.agent.sessions)
+                   and Backend.connections == 0, "every stream and connection to end")
+
+
+class BulkOverWebSocketTests(BulkOverEachCarrierTests):
+    transport = "websocket"
+
+
+class GuardedReader(Protocol):
+    """Counts the bytes of one HTTP answer."""
+
+    def __init__(self):
+        self.received = 0
+        self.head = b""
+        self.lost = False
+
+    def connectionLost(self, reason):
+        self.lost = True
+
+    def connectionMade(self):
+        self.transport.write(b"GET /big?size=%d HTTP/1.1\r\nHost: demo\r\n"
+                             b"Authorization: Bearer caller-token\r\n\r\n" % (64 << 20))
+
+    def dataReceived(self, data):
+        self.received += len(data)
+        if len(self.head) < 200:
+            self.head += data[:200]
+
+
+class GuardedBulkOverEachCarrierTests(unittest.TestCase):
+    """The same through the agent's guard (passthrough), as arc is deployed."""
+
+    timeout = 120
+    transport = "tunnel"
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from arc.guard.audit import AuditLog
+        from arc.guard.guard import Guard, GuardConfig
+        from arc.identity.authenticator import Authenticator
+        from tests.faultbackend import BackendFactory
+
+        def make_guard(upstream):
+            return Guard(GuardConfig(enabled=True, authenticator=Authenticator(None, (), True),
+                                     allow_impersonation=False, audit=AuditLog("none"),
+                                     token_refresh=60.0), "demo", upstream)
+
+        chain = yield InProcessChain(self, BackendFactory(reactor, "in-process"),
+                                     make_guard=make_guard, transport=self.transport).start()
+        self.agent, self.proxy = chain.agent, chain.proxy
+        self.endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", self.proxy.port,
+                                           chain.proxy_tls)
+
+    @defer.inlineCallbacks
+    def test_download(self):
+        reader = GuardedReader()
+        proto = yield connectProtocol(self.endpoint, reader)
+        started = reactor.seconds()
+        yield wait(self, lambda: reader.received >= 64 << 20, "64 MB through the guard and "
+                   "the %s carrier (got %d B)" % (self.transport, reader.received), timeout=60)
+        self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head)
+        print("\n%s carrier, guard: 64 MB in %.2f s"
+              % (self.transport, reactor.seconds() - started))
+        if not reader.lost:
+            proto.transport.abortConnection()
+        yield wait(self, lambda: not any(s.streams for s in self.agent.sessions),
+                   "every stream to end")
+
+
+class GuardedBulkOverWebSocketTests(GuardedBulkOverEachCarrierTests):
+    transport = "websocket"
+
