@@ -5,11 +5,16 @@ agent tunnel per cluster from this process (the agent's own dialer and
 session code, no API server behind), and reports the relay's resident
 memory before and after.  Bounded: gives up after 60 s.
 
-    PYTHONPATH=. python bench/replica_tunnels.py [N]
+    PYTHONPATH=. python bench/replica_tunnels.py [N] [--dir DIR]
+
+DIR (default: a new temporary directory) receives the configurations and logs.
+bench/run.py runs it for its "tunnels" workload.
 """
 
+import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -26,8 +31,19 @@ def rss_kib(pid):
     raise RuntimeError("no VmRSS")
 
 
-def main(n=100):
-    base = tempfile.mkdtemp(prefix="arc-bench-tunnels-")
+def raise_fd_limit(wanted):
+    """Room for one descriptor per tunnel in the relay and the dialers (inherited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def main(n=100, base=None):
+    raise_fd_limit(n + 1024)
+    if base is None:
+        base = tempfile.mkdtemp(prefix="arc-bench-tunnels-")
+    os.makedirs(base, exist_ok=True)
     clusters = ["c%d" % i for i in range(1, n)]
     files = demo.prepare(os.path.join(base, "arc"), relay_port=free_port(),
                          client_port=free_port(), extra_clusters=clusters)
@@ -77,4 +93,8 @@ def _dial(files, clusters, relay):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("n", nargs="?", type=int, default=100, help="tunnels (default 100)")
+    parser.add_argument("--dir", help="directory for configurations and logs")
+    args = parser.parse_args()
+    main(args.n, args.dir)

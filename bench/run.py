@@ -18,11 +18,16 @@ reaches it several ways, and measures the same workloads through each:
 Workloads: small GETs (wrk, 1 and 64 connections), a bulk download (curl),
 head-of-line blocking (small GETs while a large download runs on the same path),
 connection set-up (new TLS connection to first response byte), and the CPU time
-spent by the processes on each path.  Prints a table of
-medians and what the guard costs per request (against arc-splice), and
-writes every sample to a JSON file and the tables to a Markdown file.
+spent by the processes on each path.  Watch fan-out: thousands of concurrent idle
+watches (bench/watchers.py) to a backend that holds them (bench/watch_backend.py),
+memory per watch in every process on the path, and the latency of one event sent to
+every watch.  Idle tunnels: the relay's memory per idle agent tunnel
+(bench/replica_tunnels.py).  Prints a table of medians and what the guard costs per
+request (against arc-splice), the watch fan-out and the relay's idle memory against
+its targets, and writes every sample to a JSON file and the tables to a Markdown file.
 
-    python bench/run.py [--quick] [--repeat N] [--duration S] [--targets LIST] [--out FILE]
+    python bench/run.py [--quick] [--repeat N] [--duration S] [--targets LIST]
+                        [--workloads LIST] [--watches 1000,10000] [--out FILE]
 
 See bench/README.md for what the figures mean.
 """
@@ -36,7 +41,9 @@ import math
 import os
 import platform
 import pwd
+import queue
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -336,6 +343,42 @@ class Processes:
         self.started.append((name, p, path))
         return p
 
+    def start_piped(self, name, argv, env=None):
+        """A process whose stdin and stdout are pipes to this script (stderr to its log)."""
+        path = os.path.join(self.logdir, name + ".log")
+        err = open(path, "ab")
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=err, env=env, start_new_session=True)
+        finally:
+            err.close()
+        self.started.append((name, p, path))
+        return p
+
+    def stop(self, names, timeout=10):
+        """Stop the processes called ``names`` (SIGTERM to each one's group, then SIGKILL)."""
+        keep = []
+        for entry in self.started:
+            name, p, _ = entry
+            if name not in names:
+                keep.append(entry)
+                continue
+            if p.poll() is None:
+                descendants = [pid for pid in tree([p.pid]) if pid != p.pid]
+                self._signal(p.pid, signal.SIGTERM, group=True)
+                try:
+                    p.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self._signal(p.pid, signal.SIGKILL, group=True)
+                    p.wait(timeout=5)
+                for pid in descendants:
+                    if read_stat(pid) is not None:
+                        self._signal(pid, signal.SIGKILL)
+            for f in (p.stdin, p.stdout):
+                if f is not None:
+                    f.close()
+        self.started = keep
+
     def check(self, names):
         for name, p, path in self.started:
             if name in names and p.poll() is not None:
@@ -562,7 +605,8 @@ def ssh_client_args(tools, d, sshd_port, user):
             "-o", "ConnectTimeout=10"], "%s@127.0.0.1" % user
 
 
-def start_ssh(tools, procs, base, nginx_port, sshd_port, fwd_port):
+def start_sshd(tools, procs, base, sshd_port):
+    """A private sshd on 127.0.0.1 with generated keys; learns the cipher ssh negotiates."""
     d = os.path.join(base, "ssh")
     os.makedirs(d, mode=0o700, exist_ok=True)
     user = pwd.getpwuid(os.geteuid()).pw_name
@@ -600,14 +644,28 @@ def start_ssh(tools, procs, base, nginx_port, sshd_port, fwd_port):
             raise BenchError("ssh probe failed (%s):\n%s" % (r.returncode, r.stderr[-2000:]))
     except subprocess.TimeoutExpired:
         raise BenchError("ssh probe connection timed out") from None
-    client = procs.start("ssh", args + [
+    return {"sshd": sshd, "args": args, "dest": dest, "cipher": cipher, "notes": notes}
+
+
+def start_ssh_forward(tools, procs, sshd, name, fwd_port, dest_port, check_path=PODS_PATH):
+    """``ssh -N -R 127.0.0.1:fwd_port:127.0.0.1:dest_port`` (a new SSH connection), up and
+    answering 200 on check_path through the forward."""
+    client = procs.start(name, sshd["args"] + [
         "-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=30",
         "-o", "LogLevel=ERROR",
-        "-R", "127.0.0.1:%d:127.0.0.1:%d" % (fwd_port, nginx_port), dest])
+        "-R", "127.0.0.1:%d:127.0.0.1:%d" % (fwd_port, dest_port), sshd["dest"]])
     url = "https://127.0.0.1:%d" % fwd_port
-    wait_http(tools, url + PODS_PATH, 20, "ssh -R forward", procs=procs, names=("ssh", "sshd"))
-    return {"sshd": sshd, "ssh": client, "url": url, "cipher": cipher, "notes": notes,
-            "roots": [client.pid, sshd.pid]}
+    wait_http(tools, url + check_path, 20, "ssh -R forward (%s)" % name, procs=procs,
+              names=(name, "sshd"))
+    return client, url
+
+
+def start_ssh(tools, procs, base, nginx_port, sshd_port, fwd_port, sshd=None):
+    if sshd is None:
+        sshd = start_sshd(tools, procs, base, sshd_port)
+    client, url = start_ssh_forward(tools, procs, sshd, "ssh", fwd_port, nginx_port)
+    return {"sshd": sshd["sshd"], "ssh": client, "url": url, "cipher": sshd["cipher"],
+            "notes": sshd["notes"], "roots": [client.pid, sshd["sshd"].pid]}
 
 
 # --------------------------------------------------------------------------- arc
@@ -663,17 +721,20 @@ def start_oidc_issuer(procs, base, child_env):
             "log": os.path.join(procs.logdir, "oidc-issuer.log")}
 
 
-def guard_setup(mode, base, nginx_url, ca_pem, issuer=None):
-    """(guard section for demo.prepare, upstream kubeconfig, token callers send) for ``mode``."""
+def guard_setup(mode, base, nginx_url, ca_pem, issuer=None, label="nginx"):
+    """(guard section for demo.prepare, upstream kubeconfig, token callers send) for ``mode``.
+
+    ``nginx_url`` is the upstream API server (nginx, or the watch backend with ``label``
+    "watch")."""
     if mode in ("splice", "passthrough"):
-        upstream = os.path.join(base, "nginx-kubeconfig")
+        upstream = os.path.join(base, label + "-kubeconfig")
         if not os.path.exists(upstream):
             write_nginx_kubeconfig(upstream, nginx_url, ca_pem, API_TOKEN)
         guard = {"enabled": False} if mode == "splice" else None  # None: no guard: section
         return guard, upstream, API_TOKEN
     # Impersonation: the guard authenticates the caller's token, then sends its own
     # credential (the upstream kubeconfig's user token) with Impersonate-* headers.
-    upstream = os.path.join(base, "nginx-kubeconfig-guard")
+    upstream = os.path.join(base, label + "-kubeconfig-guard")
     if not os.path.exists(upstream):
         write_nginx_kubeconfig(upstream, nginx_url, ca_pem, GUARD_TOKEN)
     if mode == "static":
@@ -688,6 +749,41 @@ def guard_setup(mode, base, nginx_url, ca_pem, issuer=None):
     else:
         raise ValueError(mode)
     return {"identity": identity}, upstream, token
+
+
+def start_arc_parts(procs, name, files, state, child_env):
+    """Relay, agent and client of one chain, as separate processes named NAME-PART."""
+    parts = {}
+    for part, cfg in (("relay", files.relay_config), ("agent", files.agent_config),
+                      ("client", files.client_config)):
+        pname = "%s-%s" % (name, part)
+        argv = [sys.executable, "-m", "twisted", "--log-format=text", "arc-" + part,
+                "--config", cfg]
+        parts[part] = procs.start(pname, argv, cwd=state, env=child_env)
+        if part == "relay":
+            wait_port(files.relay_port, 30, pname, procs, (pname,))
+    return parts
+
+
+def client_server_name(procs, name, files, cluster, names):
+    """The TLS server name the client wrote into its kubeconfig for ``cluster``."""
+    deadline = time.monotonic() + 30
+    server_name = None
+    while time.monotonic() < deadline:
+        procs.check(names)
+        try:
+            with open(files.kubeconfig) as f:
+                kc = yaml.safe_load(f) or {}
+            for c in kc.get("clusters") or []:
+                if c.get("name") == cluster or cluster in c.get("name", ""):
+                    server_name = c["cluster"].get("tls-server-name")
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            pass
+        if server_name:
+            return server_name
+        time.sleep(0.2)
+    raise BenchError("%s: the client wrote no kubeconfig entry with tls-server-name "
+                     "to %s within 30 s" % (name, files.kubeconfig))
 
 
 def start_arc(tools, procs, base, name, transport, guard_mode, nginx_url, ca_pem, child_env,
@@ -720,40 +816,13 @@ def start_arc(tools, procs, base, name, transport, guard_mode, nginx_url, ca_pem
         yaml.safe_dump(client_cfg, f, sort_keys=False)
     cluster = client_cfg["clusters"][0]["name"]
 
-    parts = {}
-    for part, cfg in (("relay", files.relay_config), ("agent", files.agent_config),
-                      ("client", files.client_config)):
-        pname = "%s-%s" % (name, part)
-        argv = [sys.executable, "-m", "twisted", "--log-format=text", "arc-" + part,
-                "--config", cfg]
-        parts[part] = procs.start(pname, argv, cwd=state, env=child_env)
-        if part == "relay":
-            wait_port(relay_port, 30, pname, procs, (pname,))
+    parts = start_arc_parts(procs, name, files, state, child_env)
     names = tuple("%s-%s" % (name, p) for p in parts)
     logs = [os.path.join(procs.logdir, n + ".log") for n in names]
     if guard_mode == "oidc":
         names += ("oidc-issuer",)
         logs.append(issuer["log"])
-
-    # The client writes a kubeconfig for kubectl; check what it wrote and use its server name.
-    deadline = time.monotonic() + 30
-    server_name = None
-    while time.monotonic() < deadline:
-        procs.check(names)
-        try:
-            with open(files.kubeconfig) as f:
-                kc = yaml.safe_load(f) or {}
-            for c in kc.get("clusters") or []:
-                if c.get("name") == cluster or cluster in c.get("name", ""):
-                    server_name = c["cluster"].get("tls-server-name")
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
-            pass
-        if server_name:
-            break
-        time.sleep(0.2)
-    if not server_name:
-        raise BenchError("%s: the client wrote no kubeconfig entry with tls-server-name "
-                         "to %s within 30 s" % (name, files.kubeconfig))
+    server_name = client_server_name(procs, name, files, cluster, names)
     auth = ["-H", "Authorization: Bearer " + caller_token]
     sni_args = ["--connect-to", "%s:443:127.0.0.1:%d" % (server_name, client_port)]
     sni_url = "https://%s" % server_name
@@ -996,6 +1065,391 @@ def run_setup(target, n):
     return res
 
 
+# --------------------------------------------------------------------------- watch fan-out
+
+WATCHERS = os.path.join(HERE, "watchers.py")
+WATCH_BACKEND = os.path.join(HERE, "watch_backend.py")
+REPLICA_TUNNELS = os.path.join(HERE, "replica_tunnels.py")
+WATCH_SETTLE_S = 1.0    # after the path is up, before the "before" memory reading
+WATCH_IDLE_S = 3.0      # every watch open and idle this long before the "after" reading
+WATCH_CLOSE_S = 30      # the backend must see every watch closed this long after the watchers
+WATCH_BACKLOG = 1024    # listen backlog of the arc client and the backend in the watch workload
+# Targets the issue sets for the relay's idle memory, KiB.
+RELAY_KIB_PER_STREAM_TARGET = 10
+RELAY_KIB_PER_TUNNEL_TARGET = 50
+
+
+def watch_open_timeout(count):
+    return 30 + count / 40.0
+
+
+def watch_event_timeout(count):
+    return 20 + count / 200.0
+
+
+def raise_fd_limit(wanted):
+    """Raise this process's RLIMIT_NOFILE (inherited by every process it starts) towards
+    ``wanted``: the hard limit too when running as root.  Returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < wanted and os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                ceiling = int(f.read())
+        except (OSError, ValueError):
+            ceiling = hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, ceiling), min(wanted, ceiling)))
+            return min(wanted, ceiling)
+        except (ValueError, OSError):
+            pass
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def fd_limit(pid):
+    """The soft limit on open files of a running process (None if unknown)."""
+    try:
+        with open("/proc/%d/limits" % pid) as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    value = line.split()[3]
+                    return 1 << 62 if value == "unlimited" else int(value)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def rss_kib(pids):
+    """Sum of the resident set sizes of ``pids`` in KiB."""
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def start_watch_backend(procs, base, ca, ca_key, env):
+    d = os.path.join(base, "watch-backend")
+    os.makedirs(d, exist_ok=True)
+    cert, key = pki.issue(ca, ca_key, "bench-watch-backend", dns_names=["localhost"],
+                          ips=["127.0.0.1"])
+    pki.write_private(os.path.join(d, "server.crt"), cert, 0o644)
+    pki.write_private(os.path.join(d, "server.key"), key)
+    port, control = free_ports(2)
+    p = procs.start("watch-backend", [
+        sys.executable, WATCH_BACKEND, "--port", str(port), "--control-port", str(control),
+        "--cert", os.path.join(d, "server.crt"), "--key", os.path.join(d, "server.key"),
+        "--backlog", str(WATCH_BACKLOG)], env=env)
+    wait_port(port, 20, "the watch backend", procs, ("watch-backend",))
+    wait_port(control, 10, "the watch backend's control port", procs, ("watch-backend",))
+    return {"pid": p.pid, "port": port, "control": control,
+            "url": "https://127.0.0.1:%d" % port}
+
+
+def backend_command(backend, cmd, timeout=10.0):
+    """Send one command to the watch backend's control port; its one-line answer."""
+    with socket.create_connection(("127.0.0.1", backend["control"]), timeout=timeout) as s:
+        s.sendall(cmd.encode("ascii") + b"\n")
+        with s.makefile("rb") as f:
+            line = f.readline()
+    if not line.endswith(b"\n"):
+        raise BenchError("the watch backend did not answer %r within %.0f s" % (cmd, timeout))
+    return line.decode("ascii", "replace").strip()
+
+
+def backend_held(backend):
+    answer = backend_command(backend, "count")
+    if not answer.startswith("held "):
+        raise BenchError("the watch backend answered %r to count" % answer)
+    return int(answer.split()[1])
+
+
+def rewrite_yaml(path, change):
+    """Apply change(doc) to a YAML file, keeping its leading comment lines."""
+    with open(path) as f:
+        text = f.read()
+    header = "".join(line for line in text.splitlines(True) if line.startswith("#"))
+    doc = yaml.safe_load(text) or {}
+    change(doc)
+    with open(path, "w") as f:
+        f.write(header)
+        yaml.safe_dump(doc, f, sort_keys=False)
+
+
+def start_watch_arc(tools, procs, base, target, run_name, backend, ca_pem, env, issuer, count):
+    """A fresh relay, agent and client configured like ``target``, the agent's upstream being
+    the watch backend, with room for ``count`` streams on every tunnel and for the user."""
+    transport, guard_mode = ARC_TARGETS[target]
+    state = os.path.join(base, "watch", run_name)
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    guard, upstream, token = guard_setup(guard_mode, base, backend["url"], ca_pem, issuer,
+                                         label="watch")
+    token_file = os.path.join(base, "api.token")
+    if not os.path.exists(token_file):
+        pki.write_private(token_file, API_TOKEN.encode() + b"\n")
+    relay_port, client_port = free_ports(2)
+    limit = count + 1000
+    files = demo.prepare(state, relay_port=relay_port, client_port=client_port,
+                         upstream_kubeconfig=upstream, api_token_file=token_file,
+                         transport=transport, guard=guard, tunnel={"max_streams": limit})
+    rewrite_yaml(files.relay_config,
+                 lambda d: d.setdefault("limits", {}).update(max_streams_per_user=limit))
+    cluster = []
+
+    def client_change(d):
+        d["listen"] = "%s:backlog=%d" % (d["listen"], WATCH_BACKLOG)
+        cluster.append(d["clusters"][0]["name"])
+    rewrite_yaml(files.client_config, client_change)
+    parts = start_arc_parts(procs, run_name, files, state, env)
+    part_names = tuple("%s-%s" % (run_name, p) for p in parts)
+    names = part_names + (("oidc-issuer",) if guard_mode == "oidc" else ())
+    server_name = client_server_name(procs, run_name, files, cluster[0], names)
+    wait_http(tools, "https://%s%s" % (server_name, PODS_PATH), 30,
+              "%s chain to the watch backend" % run_name,
+              extra=["--connect-to", "%s:443:127.0.0.1:%d" % (server_name, client_port),
+                     "-H", "Authorization: Bearer " + token],
+              procs=procs, names=names)
+    return {"host": "127.0.0.1", "port": client_port, "server_name": server_name,
+            "token": token, "names": names,
+            "roots": [p.pid for p in parts.values()],
+            "mem": {part: [p.pid] for part, p in parts.items()},
+            "logs": [os.path.join(procs.logdir, n + ".log") for n in part_names]}
+
+
+def watch_path(ctx, target, run_name, count):
+    """Start what ``target`` needs between the watchers and the watch backend."""
+    backend = ctx["backend"]
+    if target == "direct":
+        return {"host": "127.0.0.1", "port": backend["port"], "server_name": None,
+                "token": API_TOKEN, "names": ("watch-backend",), "roots": [],
+                "mem": {}, "logs": []}
+    if target == "ssh":
+        sshd = ctx["sshd"]
+        (fwd,) = free_ports(1)
+        client, _ = start_ssh_forward(ctx["tools"], ctx["procs"], sshd, run_name + "-ssh", fwd,
+                                      backend["port"])
+        sshd_pid = sshd["sshd"].pid
+        return {"host": "127.0.0.1", "port": fwd, "server_name": None, "token": API_TOKEN,
+                "names": (run_name + "-ssh", "sshd", "watch-backend"),
+                "roots": [client.pid, sshd_pid],
+                # sshd: every sshd process (the listener and each connection's processes)
+                "mem": {"relay": lambda: tree([sshd_pid]), "agent": [client.pid]}, "logs": []}
+    path = start_watch_arc(ctx["tools"], ctx["procs"], ctx["base"], target, run_name, backend,
+                           ctx["ca"], ctx["env"], ctx["issuer"], count)
+    path["names"] += ("watch-backend",)
+    return path
+
+
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _mem_pids(spec):
+    return spec() if callable(spec) else spec
+
+
+def _read_lines(stream, q):
+    for line in iter(stream.readline, b""):
+        q.put(line)
+    q.put(None)
+
+
+def _next_json(q, timeout, phase, proc, logpath):
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchError("the watchers reported no %r within %.0f s" % (phase, timeout))
+        try:
+            line = q.get(timeout=left)
+        except queue.Empty:
+            continue
+        if line is None:
+            proc.wait(timeout=5)
+            raise BenchError("the watchers exited (status %s) before reporting %r; last lines "
+                             "of %s:\n%s" % (proc.returncode, phase, logpath, tail(logpath)))
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("phase") == phase:
+            return doc
+
+
+def run_watch(ctx, target, count, rep, opts):
+    """One watch fan-out measurement: open ``count`` watches through ``target``, hold them
+    idle, have the backend send each one event, and read memory, CPU and latencies."""
+    procs, backend = ctx["procs"], ctx["backend"]
+    run_name = "watch-%s-%d-r%d" % (target, count, rep + 1)
+    res = {"count": count}
+    problems = []
+    wname = run_name + "-watchers"
+    path = None
+    try:
+        if backend_held(backend):
+            backend_command(backend, "close")  # left over from an earlier failed run
+            time.sleep(0.5)
+        path = watch_path(ctx, target, run_name, count)
+        mem_pids = {part: _mem_pids(spec) for part, spec in path["mem"].items()}
+        limits = {part: min((fd_limit(pid) or 0) for pid in pids) if pids else None
+                  for part, pids in mem_pids.items()}
+        res["fd_limits"] = limits
+        low = {part: v for part, v in limits.items() if v is not None and v < count + 256}
+        if low:
+            raise BenchError("open-file limit too low for %d watches: %s" % (count, ", ".join(
+                "%s %s" % kv for kv in sorted(low.items()))))
+        time.sleep(WATCH_SETTLE_S)
+        before = {part: rss_kib(_mem_pids(spec)) for part, spec in path["mem"].items()}
+        cpu0 = cpu_seconds(path["roots"]) if path["roots"] else None
+        bcpu0 = cpu_seconds([backend["pid"]])
+        argv = [sys.executable, WATCHERS, "--host", path["host"], "--port", str(path["port"]),
+                "--count", str(count), "--token", path["token"],
+                "--concurrency", str(opts.watch_concurrency),
+                "--open-timeout", "%.0f" % watch_open_timeout(count)]
+        if path["server_name"]:
+            argv += ["--server-name", path["server_name"]]
+        w = procs.start_piped(wname, argv, env=ctx["env"])
+        wlog = os.path.join(procs.logdir, wname + ".log")
+        lines = queue.Queue()
+        threading.Thread(target=_read_lines, args=(w.stdout, lines), daemon=True).start()
+        opened = _next_json(lines, watch_open_timeout(count) + 30, "opened", w, wlog)
+        res["opened"] = opened["opened"]
+        res["open_failed"] = opened["failed"] + opened.get("not_answered", 0)
+        res["open_s"] = opened["seconds"]
+        if opened["errors"]:
+            res["open_errors"] = opened["errors"]
+        cpu1 = cpu_seconds(path["roots"]) if path["roots"] else None
+        bcpu1 = cpu_seconds([backend["pid"]])
+        res["backend_held"] = backend_held(backend)
+        time.sleep(WATCH_IDLE_S)
+        res["backend_held_idle"] = backend_held(backend)
+        after = {part: rss_kib(_mem_pids(spec)) for part, spec in path["mem"].items()}
+        res["rss_before_kib"], res["rss_after_kib"] = before, after
+        if res["opened"]:
+            for part in before:
+                res["%s_kib_per_watch" % part] = (after[part] - before[part]) / res["opened"]
+                res["%s_rss_mib" % part] = after[part] / 1024.0
+        # Events: the watchers wait (bounded) for one event on each open watch.
+        wait_s = watch_event_timeout(count)
+        w.stdin.write(b"wait %.0f\n" % wait_s)
+        w.stdin.flush()
+        fired = backend_command(backend, "fire", timeout=wait_s)
+        if fired.startswith("fired "):
+            res["fired"] = int(fired.split()[1])
+            res["fire_ms"] = float(fired.split()[2])
+        else:
+            problems.append("the backend answered %r to fire" % fired)
+        events = _next_json(lines, wait_s + 15, "events", w, wlog)
+        cpu2 = cpu_seconds(path["roots"]) if path["roots"] else None
+        bcpu2 = cpu_seconds([backend["pid"]])
+        res["received"] = events["received"]
+        res["lost"] = events["lost"]
+        res["lost_idle"] = events.get("lost_after_opened", 0)
+        res["event_spread_s"] = events.get("spread_s")
+        for k, v in (events.get("latency_ms") or {}).items():
+            res["event_%s_ms" % k] = v
+        if events["errors"]:
+            res["event_errors"] = events["errors"]
+        if path["roots"]:
+            if res["opened"]:
+                res["open_cpu_us_per_watch"] = (cpu1 - cpu0) / res["opened"] * 1e6
+            if res["received"]:
+                res["event_cpu_us_per_event"] = (cpu2 - cpu1) / res["received"] * 1e6
+        res["backend_open_cpu_s"] = round(bcpu1 - bcpu0, 3)
+        res["backend_event_cpu_s"] = round(bcpu2 - bcpu1, 3)
+        # Closing: the watchers exit; every watch must end at the backend too.
+        t0 = time.monotonic()
+        w.stdin.close()
+        try:
+            w.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            problems.append("the watchers did not exit within 30 s")
+        left = None
+        while time.monotonic() - t0 < WATCH_CLOSE_S:
+            left = backend_held(backend)
+            if not left:
+                break
+            time.sleep(0.2)
+        res["close_s"] = round(time.monotonic() - t0, 3)
+        if left:
+            problems.append("%d watches still open at the backend %d s after the watchers "
+                            "closed theirs" % (left, WATCH_CLOSE_S))
+            backend_command(backend, "close")
+        if res["opened"] < count:
+            problems.append("%d of %d watches opened (%s)" % (
+                res["opened"], count, "; ".join(res.get("open_errors", [])) or "no error given"))
+        if res["received"] < count:
+            problems.append("%d of %d watches got their event%s" % (
+                res["received"], count, " (%s)" % "; ".join(res["event_errors"])
+                if res.get("event_errors") else ""))
+        if res["backend_held"] != res["opened"]:
+            problems.append("the backend held %d watches when the watchers had %d open"
+                            % (res["backend_held"], res["opened"]))
+        procs.check(path["names"])
+    except BenchError as e:
+        problems.append(str(e))
+    finally:
+        # The logs up to here: what the path logs when it is stopped below is not a finding.
+        logs = path["logs"] if path else [
+            entry[2] for entry in procs.started if entry[0].startswith(run_name + "-")]
+        res["logs"] = [[p, _size(p)] for p in logs]
+        # Everything this measurement started, also when starting its path failed half-way.
+        procs.stop(tuple(entry[0] for entry in procs.started
+                         if entry[0].startswith(run_name + "-")))
+    if problems:
+        res["error"] = "; ".join(problems)
+    return res
+
+
+def run_tunnels(ctx, n, rep):
+    """Relay memory per idle agent tunnel: bench/replica_tunnels.py with n tunnels."""
+    procs = ctx["procs"]
+    name = "replica-tunnels-r%d" % (rep + 1)
+    d = os.path.join(ctx["base"], name)
+    p = procs.start(name, [sys.executable, REPLICA_TUNNELS, str(n), "--dir", d], env=ctx["env"])
+    logpath = os.path.join(procs.logdir, name + ".log")
+    res = {"tunnels_wanted": n}
+    try:
+        p.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        res["error"] = "replica_tunnels.py did not finish within 240 s"
+    finally:
+        procs.stop((name,))
+    doc = None
+    try:
+        with open(logpath, errors="replace") as f:
+            for line in f:
+                if line.startswith("{"):
+                    try:
+                        doc = json.loads(line)
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    if doc is None:
+        res.setdefault("error", "replica_tunnels.py reported nothing (exit %s); last lines of "
+                       "%s:\n%s" % (p.returncode, logpath, tail(logpath)))
+        return res
+    res.update(tunnels=doc["tunnels"], relay_rss_idle_kib=doc["relay_rss_idle_kib"],
+               relay_rss_kib=doc["relay_rss_kib"], per_tunnel_kib=doc["per_tunnel_kib"])
+    if doc["tunnels"] != n:
+        res["error"] = "%d of %d tunnels up" % (doc["tunnels"], n)
+    return res
+
+
 def percentile(values, pct):
     """Nearest-rank percentile."""
     v = sorted(values)
@@ -1156,11 +1610,13 @@ def _cell(fmt, v):
     return "n/a" if v is None else fmt.format(v)
 
 
-def figures_rows(summary, names, flagged):
-    """Header and rows of the table of medians: one column per target."""
+def figures_rows(summary, names, flagged, keys):
+    """Header and rows of the table of medians: one column per target (workloads ``keys``)."""
     header = ["metric (median)"] + [TARGET_TITLES.get(n, n) for n in names]
     rows = []
     for label, key, field, fmt in METRICS:
+        if key not in keys:
+            continue
         row = [label]
         for n in names:
             if isinstance(field, tuple):
@@ -1180,7 +1636,7 @@ def figures_rows(summary, names, flagged):
 RATIO_SKIP = ("p99_ratio", "download_mbps")
 
 
-def ratio_rows(summary, names):
+def ratio_rows(summary, names, keys):
     """Header and rows of arc's figures divided by ssh -R's (None when there is no ssh)."""
     cols = [n for n in names if n.startswith("arc")]
     if "ssh" not in names or not cols:
@@ -1188,6 +1644,8 @@ def ratio_rows(summary, names):
     header = ["ratio vs ssh -R (median)"] + ["%s/ssh-R" % n for n in cols]
     rows = []
     for label, key, field, fmt in METRICS:
+        if key not in keys:
+            continue
         if field == "delayed_acks" or isinstance(field, tuple) or field in RATIO_SKIP:
             continue  # a diagnostic count, a pair, or already a ratio: no ratio
         row = [label]
@@ -1236,16 +1694,85 @@ def guard_cost(summary, names):
     return out
 
 
-def guard_rows(cost):
+def guard_rows(cost, keys):
     if not cost:
         return None
     cols = list(cost)
     header = ["guard cost (median − %s)" % GUARD_BASELINE] + cols
     rows = []
-    for label, _, _, kind, fmt in GUARD_ROWS:
+    for label, key, _, kind, fmt in GUARD_ROWS:
+        if key not in keys:
+            continue
         rows.append([label + (" (ratio)" if kind == "ratio" else "")]
                     + [_cell(fmt, cost[n].get(label)) for n in cols])
     return header, rows
+
+
+WATCH_ROWS = [
+    # (row label after "N watches:", sample field(s), format)
+    ("opened / got their event", ("opened", "received"), "{:.0f} / {:.0f}"),
+    ("event latency p50 ms", "event_p50_ms", "{:.1f}"),
+    ("event latency p99 ms", "event_p99_ms", "{:.1f}"),
+    ("time to open all s", "open_s", "{:.1f}"),
+    ("relay KiB/watch (ssh -R: sshd)", "relay_kib_per_watch", "{:.1f}"),
+    ("agent KiB/watch (ssh -R: ssh)", "agent_kib_per_watch", "{:.1f}"),
+    ("client KiB/watch", "client_kib_per_watch", "{:.1f}"),
+    ("relay RSS MiB, watches open (ssh -R: sshd)", "relay_rss_mib", "{:.0f}"),
+    ("open CPU µs/watch (path)", "open_cpu_us_per_watch", "{:.0f}"),
+    ("event CPU µs/event (path)", "event_cpu_us_per_event", "{:.0f}"),
+]
+
+
+def watch_rows(summary, names, counts, flagged):
+    """Header and rows of the watch fan-out table: one column per target."""
+    if not names or not counts:
+        return None
+    header = ["watch fan-out (median)"] + [TARGET_TITLES.get(n, n) for n in names]
+    rows = []
+    for count in counts:
+        key = "watch_%d" % count
+        for label, field, fmt in WATCH_ROWS:
+            row = ["%d watches: %s" % (count, label)]
+            for n in names:
+                med = summary.get(n, {}).get(key, {})
+                if isinstance(field, tuple):
+                    vs = [med.get(f) for f in field]
+                    cell = "n/a" if None in vs else fmt.format(*vs)
+                elif n == "direct" and ("kib" in field or "cpu" in field or "rss" in field):
+                    cell = "—"  # nothing sits between the watchers and the backend
+                elif n == "ssh" and field.startswith("client"):
+                    cell = "—"  # ssh -R has no third process
+                else:
+                    cell = _cell(fmt, med.get(field))
+                if (n, key) in flagged:
+                    cell += " !"
+                row.append(cell)
+            rows.append(row)
+    return header, rows
+
+
+def memory_rows(summary, names, counts, tunnels):
+    """The relay's idle memory against the issue's targets: per agent tunnel (from
+    replica_tunnels.py) and per watch stream (from the watch workload), KiB."""
+    header = ["relay idle memory (median)", "KiB", "target", "verdict"]
+    rows = []
+
+    def verdict(v, limit):
+        return "n/a" if v is None else ("met" if v <= limit else "ABOVE TARGET")
+    if tunnels:
+        v = tunnels.get("per_tunnel_kib")
+        rows.append(["per agent tunnel (%d idle tunnels)" % tunnels["n"], _cell("{:.1f}", v),
+                     "≤ %d" % RELAY_KIB_PER_TUNNEL_TARGET,
+                     verdict(v, RELAY_KIB_PER_TUNNEL_TARGET)])
+    for count in counts:
+        for n in names:
+            if not n.startswith("arc"):
+                continue
+            v = summary.get(n, {}).get("watch_%d" % count, {}).get("relay_kib_per_watch")
+            rows.append(["per stream: %s, %d idle watches" % (n, count), _cell("{:.1f}", v),
+                         "≤ %d" % RELAY_KIB_PER_STREAM_TARGET,
+                         verdict(v, RELAY_KIB_PER_STREAM_TARGET)])
+    return (header, rows) if rows else None
 
 
 def render_table(header, rows):
@@ -1300,27 +1827,38 @@ def audit_counts(target):
 
 
 def arc_log_findings(paths):
-    """Warnings, errors and tracebacks in the arc logs."""
+    """Warnings, errors and tracebacks in the arc logs (each a path, or [path, bytes to
+    read])."""
     found = []
     for path in paths:
+        limit = None
+        if isinstance(path, (list, tuple)):
+            path, limit = path
         try:
-            with open(path, errors="replace") as f:
-                for line in f:
-                    if re.search(r"#(warn|error|critical)\]|Traceback|Unhandled", line):
-                        found.append("%s: %s" % (os.path.basename(path), line.rstrip()))
+            with open(path, "rb") as f:
+                data = f.read() if limit is None else f.read(limit)
         except OSError:
-            pass
+            continue
+        for line in data.decode(errors="replace").splitlines():
+            if re.search(r"#(warn|error|critical)\]|Traceback|Unhandled", line):
+                found.append("%s: %s" % (os.path.basename(path), line.rstrip()))
     return found
 
 
 # --------------------------------------------------------------------------- main
+
+NGINX_WORKLOADS = ("small_c1", "small_c64", "bulk", "hol", "setup")
+WORKLOADS = NGINX_WORKLOADS + ("watch", "tunnels")
+WORKLOAD_ALIASES = {"small": ("small_c1", "small_c64")}
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="bench/run.py",
         description="Compare arc with a direct TLS connection and with ssh -R on loopback.")
     p.add_argument("--quick", action="store_true",
-                   help="one repetition, 2 s wrk runs (a smoke test, not for quoting)")
+                   help="one repetition, 2 s wrk runs, 200 and 1000 watches, 500 tunnels "
+                        "(a smoke test, not for quoting)")
     p.add_argument("--repeat", "-r", type=int, default=None,
                    help="repetitions of every measurement (default 5, 1 with --quick)")
     p.add_argument("--duration", "-d", type=int, default=None,
@@ -1337,6 +1875,20 @@ def parse_args(argv):
                    help="new connections per connection set-up run (default 200)")
     p.add_argument("--wrk-timeout", type=int, default=5,
                    help="wrk's per-request timeout in seconds (default 5)")
+    p.add_argument("--watches", default=None,
+                   help="comma-separated numbers of concurrent watches for the watch workload "
+                        "(default 1000,10000; 200,1000 with --quick)")
+    p.add_argument("--watch-repeat", type=int, default=None,
+                   help="repetitions of every watch and tunnel measurement (default: --repeat, "
+                        "at most 3)")
+    p.add_argument("--watch-concurrency", type=int, default=100,
+                   help="watches at most waiting for their answer head at once (default 100)")
+    p.add_argument("--tunnels", type=int, default=None,
+                   help="idle agent tunnels for the tunnels workload (default 1000; 500 with "
+                        "--quick)")
+    p.add_argument("--workloads", default="all",
+                   help="comma-separated subset of %s (small = small_c1,small_c64; "
+                        "default: all)" % ",".join(WORKLOADS))
     p.add_argument("--targets", default=",".join(TARGET_TITLES),
                    help="comma-separated subset of %s (default: all)" % ",".join(TARGET_TITLES))
     p.add_argument("--out", help="JSON results file (default .bench/results-DATE.json); the "
@@ -1350,14 +1902,40 @@ def parse_args(argv):
         opts.repeat = 1 if opts.quick else 5
     if opts.duration is None:
         opts.duration = 2 if opts.quick else 5
+    if opts.watch_repeat is None:
+        opts.watch_repeat = min(opts.repeat, 3)
+    if opts.tunnels is None:
+        opts.tunnels = 500 if opts.quick else 1000
+    if opts.watches is None:
+        opts.watches = "200,1000" if opts.quick else "1000,10000"
+    try:
+        opts.watches = [int(w) for w in opts.watches.split(",") if w.strip()]
+    except ValueError:
+        p.error("--watches takes comma-separated numbers, e.g. 1000,10000")
+    if not opts.watches or min(opts.watches) < 1:
+        p.error("--watches needs at least one positive number")
     opts.targets = [t.strip() for t in opts.targets.split(",") if t.strip()]
     for t in opts.targets:
         if t not in TARGET_TITLES:
             p.error("unknown target %r" % t)
+    wanted = [w.strip() for w in opts.workloads.split(",") if w.strip()]
+    chosen = set()
+    for w in wanted:
+        if w == "all":
+            chosen.update(WORKLOADS)
+        elif w in WORKLOAD_ALIASES:
+            chosen.update(WORKLOAD_ALIASES[w])
+        elif w in WORKLOADS:
+            chosen.add(w)
+        else:
+            p.error("unknown workload %r (choose from %s, small, all)" % (w, ",".join(WORKLOADS)))
+    opts.workloads = [w for w in WORKLOADS if w in chosen]
+    if not opts.workloads:
+        p.error("--workloads selects nothing")
     if min(opts.repeat, opts.duration, opts.bulk_mib, opts.hol_mib, opts.hol_max_time,
-           opts.setup_conns) < 1:
-        p.error("--repeat, --duration, --bulk-mib, --hol-mib, --hol-max-time and --setup-conns "
-                "must be positive")
+           opts.setup_conns, opts.watch_repeat, opts.watch_concurrency, opts.tunnels) < 1:
+        p.error("--repeat, --duration, --bulk-mib, --hol-mib, --hol-max-time, --setup-conns, "
+                "--watch-repeat, --watch-concurrency and --tunnels must be positive")
     return opts
 
 
@@ -1375,6 +1953,10 @@ def _on_signal(signum, frame):
     raise Stop("signal %d" % signum)
 
 
+def rotate(names, rep):
+    return names[rep % len(names):] + names[:rep % len(names)]
+
+
 def main(argv=None):
     opts = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_signal)
@@ -1383,6 +1965,20 @@ def main(argv=None):
     tools = ensure_tools(not opts.no_install)
     info = machine_info()
     versions = tool_versions(tools)
+    nginx_keys = [k for k in NGINX_WORKLOADS if k in opts.workloads]
+    do_watch = "watch" in opts.workloads
+    do_tunnels = "tunnels" in opts.workloads
+    fd_soft = None
+    if do_watch or do_tunnels:
+        # Every process started inherits this: one descriptor per watch (or tunnel) in the
+        # watchers, the backend, the arc client and agent, sshd and ssh, plus room.
+        most = max((max(opts.watches) if do_watch else 0), (opts.tunnels if do_tunnels else 0))
+        fd_soft = raise_fd_limit(most + 4096)
+        if fd_soft < most + 1024:
+            print("bench failed: %d watches or tunnels need an open-file limit of at least %d; "
+                  "it is %d (raise the hard limit, or ask for fewer with --watches/--tunnels)"
+                  % (most, most + 1024, fd_soft), file=sys.stderr)
+            return 2
     base = tempfile.mkdtemp(prefix="arc-bench-")
     logdir = os.path.join(base, "logs")
     os.makedirs(logdir)
@@ -1393,36 +1989,48 @@ def main(argv=None):
         ca, ca_key = pki.new_ca("arc bench backend CA")
         nginx_port, sshd_port, fwd_port = free_ports(3)
         log("temporary directory %s" % base)
-        log("starting nginx on 127.0.0.1:%d" % nginx_port)
-        nginx, nginx_url = start_nginx(tools, procs, base, nginx_port, ca, ca_key,
-                                       opts.bulk_mib << 20, opts.hol_mib << 20)
-        targets = {}
-        if "direct" in opts.targets:
-            targets["direct"] = {"url": nginx_url, "roots": [], "names": ("nginx",),
-                                 "token": API_TOKEN}
-        if "ssh" in opts.targets:
-            log("starting sshd on 127.0.0.1:%d and ssh -R 127.0.0.1:%d" % (sshd_port, fwd_port))
-            s = start_ssh(tools, procs, base, nginx_port, sshd_port, fwd_port)
-            notes += s["notes"]
-            targets["ssh"] = {"url": s["url"], "roots": s["roots"], "cipher": s["cipher"],
-                              "names": ("ssh", "sshd", "nginx"), "token": API_TOKEN}
         env = child_environment()
+        targets = {}
+        sshd = None
+        if "ssh" in opts.targets and (nginx_keys or do_watch):
+            log("starting sshd on 127.0.0.1:%d" % sshd_port)
+            sshd = start_sshd(tools, procs, base, sshd_port)
+            notes += sshd["notes"]
         issuer = None
-        if "arc-oidc" in opts.targets:
+        if "arc-oidc" in opts.targets and (nginx_keys or do_watch):
             log("starting a local OIDC issuer (python -m arc.testing.oidc)")
             issuer = start_oidc_issuer(procs, base, env)
             log("OIDC issuer %s; minted a token for %s" % (issuer["url"], BENCH_USER))
-        for name, (transport, guard_mode) in ARC_TARGETS.items():
-            if name in opts.targets:
-                log("starting %s (relay, agent, client; transport %s, guard %s)"
-                    % (name, transport, guard_mode))
-                a = start_arc(tools, procs, base, name, transport, guard_mode, nginx_url, ca,
-                              env, issuer)
-                a["names"] += ("nginx",)
-                targets[name] = a
-        for t in targets.values():
-            t["nginx_pid"] = nginx.pid
+        nginx = None
+        if nginx_keys:
+            log("starting nginx on 127.0.0.1:%d" % nginx_port)
+            nginx, nginx_url = start_nginx(tools, procs, base, nginx_port, ca, ca_key,
+                                           opts.bulk_mib << 20, opts.hol_mib << 20)
+            if "direct" in opts.targets:
+                targets["direct"] = {"url": nginx_url, "roots": [], "names": ("nginx",),
+                                     "token": API_TOKEN}
+            if sshd is not None:
+                log("starting ssh -R 127.0.0.1:%d" % fwd_port)
+                s = start_ssh(tools, procs, base, nginx_port, sshd_port, fwd_port, sshd=sshd)
+                targets["ssh"] = {"url": s["url"], "roots": s["roots"], "cipher": s["cipher"],
+                                  "names": ("ssh", "sshd", "nginx"), "token": API_TOKEN}
+            for name, (transport, guard_mode) in ARC_TARGETS.items():
+                if name in opts.targets:
+                    log("starting %s (relay, agent, client; transport %s, guard %s)"
+                        % (name, transport, guard_mode))
+                    a = start_arc(tools, procs, base, name, transport, guard_mode, nginx_url,
+                                  ca, env, issuer)
+                    a["names"] += ("nginx",)
+                    targets[name] = a
+            for t in targets.values():
+                t["nginx_pid"] = nginx.pid
+        backend = None
+        if do_watch:
+            backend = start_watch_backend(procs, base, ca, ca_key, env)
+            log("watch backend on 127.0.0.1:%d (control port %d); open-file limit %s"
+                % (backend["port"], backend["control"], fd_soft))
         names = [n for n in TARGET_TITLES if n in targets]
+        watch_names = [n for n in TARGET_TITLES if n in opts.targets] if do_watch else []
 
         if "ssh" in targets:
             sshd_tree = tree([targets["ssh"]["roots"][1]])
@@ -1430,18 +2038,20 @@ def main(argv=None):
                 targets["ssh"]["roots"][0],
                 "; ".join("%d %s" % (pid, proc_name(pid)) for pid in sshd_tree)))
 
-        log("warming up every path (1 s of wrk each)")
-        for n in names:
-            run_wrk(tools, targets[n]["url"], 1, 4, 1, opts.wrk_timeout, targets[n]["token"])
+        if names:
+            log("warming up every path (1 s of wrk each)")
+            for n in names:
+                run_wrk(tools, targets[n]["url"], 1, 4, 1, opts.wrk_timeout, targets[n]["token"])
 
-        samples = {n: {} for n in names}
+        samples = {n: {} for n in TARGET_TITLES if n in names or n in watch_names}
         flagged = set()
         problems = []
         dead = {}
         for key, title, fn in workloads(opts):
+            if key not in nginx_keys:
+                continue
             for rep in range(opts.repeat):
-                order = names[rep % len(names):] + names[:rep % len(names)]
-                for n in order:
+                for n in rotate(names, rep):
                     t = targets[n]
                     if n in dead or n in WORKLOAD_SKIP.get(key, ()):
                         continue
@@ -1465,10 +2075,47 @@ def main(argv=None):
                 if t["roots"]:
                     t.setdefault("peak_rss_mib", {})[key] = round(peak_rss_mib(t["roots"]), 1)
 
-        summary = {n: medians(samples[n]) for n in names}
+        ctx = {"tools": tools, "procs": procs, "base": base, "env": env, "ca": ca,
+               "backend": backend, "sshd": sshd, "issuer": issuer}
+        watch_logs = []
+        for count in (opts.watches if do_watch else ()):
+            key = "watch_%d" % count
+            for rep in range(opts.watch_repeat):
+                for n in rotate(watch_names, rep):
+                    if n in dead:
+                        continue
+                    log("%-10s %d watches, run %d/%d: opening (at most %.0f s)"
+                        % (n, count, rep + 1, opts.watch_repeat, watch_open_timeout(count)))
+                    res = run_watch(ctx, n, count, rep, opts)
+                    watch_logs += res.get("logs", [])
+                    samples[n].setdefault(key, []).append(res)
+                    if res.get("error"):
+                        flagged.add((n, key))
+                        problems.append("%s / %d watches / run %d: %s"
+                                        % (n, count, rep + 1, res["error"]))
+                    log("%-10s %d watches, run %d/%d: %s"
+                        % (n, count, rep + 1, opts.watch_repeat, brief("watch", res)))
+        tunnel_samples = []
+        if do_tunnels:
+            for rep in range(opts.watch_repeat):
+                log("relay memory: %d idle agent tunnels (bench/replica_tunnels.py), run %d/%d"
+                    % (opts.tunnels, rep + 1, opts.watch_repeat))
+                res = run_tunnels(ctx, opts.tunnels, rep)
+                tunnel_samples.append(res)
+                if res.get("error"):
+                    problems.append("tunnels / run %d: %s" % (rep + 1, res["error"]))
+                log("tunnels    run %d/%d: %s" % (rep + 1, opts.watch_repeat,
+                                                  brief("tunnels", res)))
+        tunnels = None
+        if tunnel_samples:
+            tunnels = medians({"tunnels": tunnel_samples})["tunnels"]
+            tunnels["n"] = opts.tunnels
+
+        all_names = list(samples)
+        summary = {n: medians(samples[n]) for n in all_names}
         add_latency_deltas(summary)
         cost = guard_cost(summary, names)
-        arc_logs = [p for n in names for p in targets[n].get("logs", ())]
+        arc_logs = [p for n in names for p in targets[n].get("logs", ())] + watch_logs
         findings = arc_log_findings(arc_logs)
         audits = {}
         for n in names:
@@ -1502,32 +2149,77 @@ def main(argv=None):
             "tools:   %s | %s | %s | %s | arc %s (%s)" % (
                 versions["nginx"], versions["ssh"], versions["wrk"].split(" [")[0],
                 " ".join(versions["curl"].split()[:2]), versions["arc"], versions["arc_path"]),
-            "runs:    %d per figure (medians), wrk %d s per run, bulk %d MiB, HOL download %d "
-            "MiB, %d connections per set-up run; nginx TLS on 127.0.0.1, 1 worker, HTTP/1.1 "
-            "keep-alive" % (opts.repeat, opts.duration, opts.bulk_mib, opts.hol_mib,
-                            opts.setup_conns),
+            "workloads: %s" % ",".join(opts.workloads),
         ]
-        if "ssh" in targets:
-            head.append("ssh -R:  default cipher negotiated: %s" % targets["ssh"]["cipher"])
-        tables = [figures_rows(summary, names, flagged), ratio_rows(summary, names),
-                  guard_rows(cost)]
-        tables = [t for t in tables if t]
-        legend = [
-            "CPU (path) = user+system CPU of the processes between the client tool and nginx: "
-            "ssh -R: ssh + sshd (with its per-connection children); arc: client + relay + agent; "
-            "direct: none.",
-            "ratios: arc figure / ssh -R figure (for added p50: arc's added latency / ssh's).",
-            "guard cost: a guard-on target's median minus (or, for rates, divided by) "
-            "arc-splice's, where the agent splices bytes without parsing HTTP.",
-            "TCP delayed ACKs: host-wide count during one run (median); many of them with a "
-            "p99 near 40 ms point to Nagle/delayed-ACK stalls.",
-            "HOL: wrk -t2 -c%d on the small GET alone, then while %d MiB downloads are running "
-            "back to back through the same path (arc: the same client and tunnel); the ratio "
-            "is the median of the per-repetition ratios (target: at most 2x)." % (
-                HOL_CONNS, opts.hol_mib),
-            "setup: %d sequential new TCP+TLS connections (no session resumption), one GET "
-            "each; time from connect() to the first response byte." % opts.setup_conns,
-        ]
+        if nginx_keys:
+            head.append(
+                "runs:    %d per figure (medians), wrk %d s per run, bulk %d MiB, HOL download "
+                "%d MiB, %d connections per set-up run; nginx TLS on 127.0.0.1, 1 worker, "
+                "HTTP/1.1 keep-alive" % (opts.repeat, opts.duration, opts.bulk_mib, opts.hol_mib,
+                                         opts.setup_conns))
+        if do_watch or do_tunnels:
+            what = []
+            if do_watch:
+                what.append("%s concurrent watches (at most %d opening at once)" % (
+                    " and ".join(str(c) for c in opts.watches), opts.watch_concurrency))
+            if do_tunnels:
+                what.append("%d idle agent tunnels" % opts.tunnels)
+            head.append("memory:  %s; %d run(s) per figure (medians); open-file limit %s"
+                        % (", ".join(what), opts.watch_repeat, fd_soft))
+        if sshd is not None:
+            head.append("ssh -R:  default cipher negotiated: %s" % sshd["cipher"])
+        tables = []
+        if names:
+            tables += [figures_rows(summary, names, flagged, nginx_keys),
+                       ratio_rows(summary, names, nginx_keys), guard_rows(cost, nginx_keys)]
+        if do_watch:
+            tables.append(watch_rows(summary, watch_names, opts.watches, flagged))
+        if do_watch or do_tunnels:
+            tables.append(memory_rows(summary, watch_names, opts.watches if do_watch else [],
+                                      tunnels))
+        tables = [t for t in tables if t and t[1]]
+        legend = []
+        if names:
+            legend += [
+                "CPU (path) = user+system CPU of the processes between the client tool and "
+                "nginx: ssh -R: ssh + sshd (with its per-connection children); arc: client + "
+                "relay + agent; direct: none.",
+                "ratios: arc figure / ssh -R figure (for added p50: arc's added latency / "
+                "ssh's).",
+                "guard cost: a guard-on target's median minus (or, for rates, divided by) "
+                "arc-splice's, where the agent splices bytes without parsing HTTP.",
+                "TCP delayed ACKs: host-wide count during one run (median); many of them with a "
+                "p99 near 40 ms point to Nagle/delayed-ACK stalls.",
+            ]
+        if "hol" in nginx_keys:
+            legend.append(
+                "HOL: wrk -t2 -c%d on the small GET alone, then while %d MiB downloads are "
+                "running back to back through the same path (arc: the same client and tunnel); "
+                "the ratio is the median of the per-repetition ratios (target: at most 2x)." % (
+                    HOL_CONNS, opts.hol_mib))
+        if "setup" in nginx_keys:
+            legend.append(
+                "setup: %d sequential new TCP+TLS connections (no session resumption), one GET "
+                "each; time from connect() to the first response byte." % opts.setup_conns)
+        if do_watch:
+            legend += [
+                "watch: one watchers process opens N watches (GET ...pods?watch=true, TLS, at "
+                "most %d opening at once) to the watch backend, directly, through a new ssh -R "
+                "connection, or through a new arc relay, agent and client configured like the "
+                "target (all watches on the client's one tunnel); they stay idle %.0f s, then "
+                "the backend sends each one event stamped with its send time; latency = "
+                "receipt − stamp." % (opts.watch_concurrency, WATCH_IDLE_S),
+                "watch KiB/watch = (RSS with every watch open and idle − RSS before opening) / "
+                "watches open, per process; ssh -R: relay row = every sshd process, agent row = "
+                "the ssh client. Open CPU: path CPU while opening, per watch; event CPU: path "
+                "CPU while the events pass, per event.",
+            ]
+        if do_watch or do_tunnels:
+            legend.append(
+                "relay idle memory: per agent tunnel from bench/replica_tunnels.py (RSS growth "
+                "of a fresh relay holding N idle agent tunnels, / N); per stream = the relay row "
+                "of the watch table. Targets: ≤ %d KiB per idle tunnel, ≤ %d KiB per idle "
+                "stream." % (RELAY_KIB_PER_TUNNEL_TARGET, RELAY_KIB_PER_STREAM_TARGET))
         if any(t.get("peak_rss_mib") for t in targets.values()):
             legend.append("peak RSS of the path processes (MiB, after all workloads): " + ", ".join(
                 "%s %.0f" % (TARGET_TITLES[n], max(targets[n]["peak_rss_mib"].values()))
@@ -1562,13 +2254,19 @@ def main(argv=None):
             "machine": info, "versions": versions,
             "options": {"repeat": opts.repeat, "duration_s": opts.duration,
                         "bulk_mib": opts.bulk_mib, "hol_mib": opts.hol_mib,
-                        "setup_conns": opts.setup_conns, "quick": opts.quick},
+                        "setup_conns": opts.setup_conns, "quick": opts.quick,
+                        "workloads": opts.workloads, "watches": opts.watches,
+                        "watch_repeat": opts.watch_repeat,
+                        "watch_concurrency": opts.watch_concurrency, "tunnels": opts.tunnels,
+                        "fd_limit": fd_soft},
             "targets": {n: {"url": targets[n]["url"],
                             "cipher": targets[n].get("cipher"),
                             "transport": targets[n].get("transport"),
                             "guard": targets[n].get("guard"),
                             "peak_rss_mib": targets[n].get("peak_rss_mib")} for n in names},
+            "watch_targets": watch_names,
             "medians": summary, "guard_cost_vs_splice": cost, "audit": audits,
+            "relay_tunnels": {"median": tunnels, "samples": tunnel_samples},
             "samples": samples, "problems": problems,
             "arc_log_findings": findings, "notes": notes,
         }
@@ -1605,6 +2303,20 @@ def main(argv=None):
 def brief(key, res):
     cpu = res.get("path_cpu_s")
     cpu = "-" if cpu is None else "%.2f s" % cpu
+    if key == "watch":
+        mem = ", ".join("%s %.1f KiB/watch" % (part, res[part + "_kib_per_watch"])
+                        for part in ("relay", "agent", "client")
+                        if res.get(part + "_kib_per_watch") is not None)
+        return ("%s/%d opened in %s s, %s got their event, p50 %s ms, p99 %s ms%s%s" % (
+            res.get("opened", 0), res["count"], res.get("open_s"), res.get("received", 0),
+            "n/a" if res.get("event_p50_ms") is None else "%.1f" % res["event_p50_ms"],
+            "n/a" if res.get("event_p99_ms") is None else "%.1f" % res["event_p99_ms"],
+            "; " + mem if mem else "",
+            "  PROBLEM: " + res["error"] if res.get("error") else ""))
+    if key == "tunnels":
+        return ("%s tunnels, relay RSS %s -> %s KiB, %s KiB/tunnel%s" % (
+            res.get("tunnels"), res.get("relay_rss_idle_kib"), res.get("relay_rss_kib"),
+            res.get("per_tunnel_kib"), "  PROBLEM: " + res["error"] if res.get("error") else ""))
     if key == "hol":
         return ("p99 idle %s ms, during download %s ms (%s), %s MB/s downloaded, %d downloads "
                 "completed, path CPU %s%s" % (
