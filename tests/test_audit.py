@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import stat
 
 from twisted.internet.task import Clock
@@ -11,7 +12,8 @@ from twisted.trial import unittest
 
 from arc.config import Node
 from arc.errors import ConfigError
-from arc.guard.audit import REDACTED, AuditLog, AuditRecord, parse_audit, rfc3339
+from arc.guard import audit
+from arc.guard.audit import _FIELDS, REDACTED, AuditLog, AuditRecord, _scrub, parse_audit, rfc3339
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
 
@@ -309,3 +311,54 @@ class ParseTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as caught:
             self.parse({"destination": "none", "format": "json"})
         self.assertEqual(caught.exception.key, "audit.format")
+
+
+
+def reference_line(record):
+    """A record's line as the audit log defines it, field by field (see AuditRecord)."""
+    out = {}
+    for name, _ in _FIELDS:
+        value, _ = _scrub(getattr(record, name))
+        if value or name in ("time", "audit_id", "decision", "status", "bytes_in",
+                             "bytes_out", "duration_ms"):
+            out[name] = value
+    return json.dumps(out, separators=(",", ":"))
+
+
+class SerializationTests(unittest.TestCase):
+    """Lines written from remembered fragments equal lines written field by field."""
+
+    VALUES = {
+        "str": ["", "demo", "stream 7", "a\"b\\c", "caf\xe9 \u2603", "line\nbreak", JWT,
+                "Bearer x", "bearer", "eyJ", "system:masters"],
+        "groups": [(), [], ["dev"], ("dev", "ops"), ["Bearer " + JWT], [""], ["a", 1]],
+        "number": [0, 1, 200, 10 ** 20, 0.0, 0.073, 12.5, -0.0, True, float("inf"), "7"],
+    }
+
+    def random_record(self, rng):
+        record = AuditRecord()
+        for name, default in _FIELDS:
+            if rng.random() < 0.4:
+                continue
+            kind = ("groups" if name.endswith("groups") else
+                    "number" if not isinstance(default, str) else "str")
+            if kind == "str" and rng.random() < 0.05:
+                kind = rng.choice(["number", "groups"])
+            setattr(record, name, rng.choice(self.VALUES[kind]))
+        return record
+
+    def test_lines_match_the_field_by_field_reading(self):
+        rng = random.Random(7)
+        audit._middles.clear()
+        for _ in range(5000):
+            record = self.random_record(rng)
+            line, redactions = audit._serialize(record)
+            self.assertEqual(line, reference_line(record))
+            self.assertEqual(redactions, sum(_scrub(getattr(record, name))[1]
+                                             for name in FULL_ORDER))
+        self.assertTrue(audit._middles, "fragments were remembered")
+
+    def test_remembered_fragments_stay_bounded(self):
+        for i in range(audit.MIDDLES_SIZE * 3):
+            AuditRecord(peer="10.0.0.%d:%d" % (i % 250, i)).to_json()
+        self.assertLessEqual(len(audit._middles), audit.MIDDLES_SIZE)

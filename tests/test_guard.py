@@ -224,6 +224,66 @@ class ImpersonationTests(GuardTestCase):
                          [PASSTHROUGH, GUARD])
 
 
+class CountingTransport(StringTransport):
+    """A StringTransport that counts writes and pauses."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+        self.pauses = 0
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+    def writeSequence(self, seq):
+        self.writes += 1
+        super().writeSequence(seq)
+
+    def pauseProducing(self):
+        self.pauses += 1
+        super().pauseProducing()
+
+
+class CallTests(GuardTestCase):
+    """What a request costs the transports: in the agent, frames on the tunnel."""
+
+    def connect(self):
+        proto = GuardProtocol(self.guard, "test-peer")
+        transport = CountingTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_a_known_token_does_not_pause_the_client(self):
+        proto, down = self.connect()
+        proto.dataReceived(request())
+        mode, up, up_t = self.upstream()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(down.pauses, 1, "paused while the API server is dialled")
+        for _ in range(3):
+            proto.dataReceived(request())
+            up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(down.pauses, 1)
+        self.assertEqual(len(self.guard.audit.records), 4)
+
+    def test_a_token_checked_later_pauses_the_client(self):
+        self.guard.authenticator = OIDCLike(Principal("bob", (), {}, "https://i", "s", "oidc"))
+        proto, down = self.connect()
+        proto.dataReceived(request(token="t1"))
+        self.upstream()[1].dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        proto.dataReceived(request(token="t2"))
+        self.assertEqual(down.pauses, 2)
+
+    def test_response_head_and_body_leave_in_one_write(self):
+        proto, down = self.connect()
+        proto.dataReceived(request())
+        mode, up, up_t = self.upstream()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertEqual(down.writes, 1)
+        self.assertTrue(down.value().endswith(b"\r\n\r\nhello"))
+        self.assertEqual(self.guard.audit.records[-1].bytes_out, len(down.value()))
+
+
 class RefusalTests(GuardTestCase):
     def assertRefused(self, data, code, text):
         proto, down = self.connect()
@@ -252,6 +312,17 @@ class RefusalTests(GuardTestCase):
     def test_double_authorization(self):
         data = request(headers=[("Authorization", "Bearer other")])
         self.assertRefused(data, 400, "more than one Authorization")
+
+    def test_bare_lf_cannot_smuggle_a_header(self):
+        # Go's parser ends a line at a lone LF: a value holding one would carry
+        # Impersonate-* (or a second Authorization) past the checks.
+        for value in ("a\nImpersonate-User: system:admin",
+                      "a\nImpersonate-Group: system:masters", "a\rX: y", "a\n"):
+            self.assertRefused(request(headers=[("X-Note", value)]), 400, "bare CR or LF")
+        self.assertRefused(request().replace(b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\n"),
+                           400, "bare CR or LF")
+        # In passthrough mode the token itself cannot carry one either.
+        self.assertRefused(request(token="tok\nImpersonate-User: root"), 400, "bare CR or LF")
 
     def test_impersonate_headers_any_case(self):
         for name in ("Impersonate-User", "impersonate-group", "IMPERSONATE-EXTRA-scopes",
@@ -324,3 +395,4 @@ class HeaderTests(unittest.TestCase):
         self.assertIn(["Impersonate-Extra-arc.dev%2Fissuer", "https://x"], headers)
         self.assertEqual([v for k, v in headers if k == "Impersonate-Extra-scopes"], ["r", "w"])
         self.assertEqual([v for k, v in headers if k == "Impersonate-Group"], ["a", "b"])
+

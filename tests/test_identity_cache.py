@@ -79,3 +79,30 @@ class CacheTests(unittest.TestCase):
         for i in range(200):
             self.principal(jwt_like({"iss": ISSUER, "exp": 1000, "n": i}))
         self.assertLessEqual(len(self.auth._verified), 50)
+
+
+class VerdictTests(unittest.TestCase):
+    """verdict() answers without a Deferred whenever the answer is known at once."""
+
+    def setUp(self):
+        self.issuer = FakeIssuer()
+
+    def test_cached_token_static_token_and_passthrough(self):
+        from arc.identity.authenticator import PASSTHROUGH
+        from arc.identity.static import StaticTokens
+        from arc.relay.registry import token_digest
+        static = StaticTokens({"ci": (token_digest("ci-token-0123456789"), ("ci",))})
+        auth = Authenticator(static, [self.issuer], True)
+        token = jwt_like({"iss": ISSUER, "exp": 1000})
+        first = auth.verdict(token)
+        self.assertEqual(self.successResultOf(first).username, "alice")
+        self.assertEqual(auth.verdict(token).username, "alice")
+        self.assertEqual(self.issuer.calls, 1)
+        self.assertEqual(auth.verdict("ci-token-0123456789").username, "ci")
+        self.assertIs(auth.verdict("not-a-jwt"), PASSTHROUGH)
+
+    def test_refusals_known_at_once_raise(self):
+        auth = Authenticator(None, [self.issuer], False)
+        for token in ("", "not-a-jwt", jwt_like({"iss": "https://other.example.com"})):
+            self.assertRaises(AuthError, auth.verdict, token)
+        self.failureResultOf(auth.authenticate("not-a-jwt"), AuthError)

@@ -17,6 +17,7 @@ guard's own identity: a client must never be able to smuggle one through.
 
 import base64
 import binascii
+import re
 from urllib.parse import quote
 
 from arc.guard.http1 import HTTPError
@@ -31,15 +32,32 @@ def _protected(name):
 
 
 class Cleaned:
-    """The outcome of :func:`clean`."""
+    """The outcome of :func:`clean` and :func:`clean_head`.
 
-    __slots__ = ("headers", "bearer", "impersonation", "upgrade")
+    ``headers`` is the list of headers kept (``[name, value]``); a head
+    cleaned by :func:`clean_head` may instead carry them as ``text``, the
+    header lines as sent on (each preceded by CRLF).  :meth:`header_text`
+    gives that text either way.
+    """
 
-    def __init__(self, headers, bearer, impersonation, upgrade):
+    __slots__ = ("headers", "bearer", "impersonation", "upgrade", "text")
+
+    def __init__(self, headers, bearer, impersonation, upgrade, text=None):
         self.headers = headers
         self.bearer = bearer
         self.impersonation = impersonation  # list of (name, value) the client sent
         self.upgrade = upgrade              # "websocket", "spdy", other or ""
+        self.text = text
+
+    def header_text(self):
+        if self.text is None:
+            self.text = header_lines(self.headers)
+        return self.text
+
+
+def header_lines(headers):
+    """``[[name, value], ...]`` as header lines, each preceded by CRLF."""
+    return "".join(["\r\n%s: %s" % (name, value) for name, value in headers])
 
 
 def _bearer(value):
@@ -115,6 +133,35 @@ def clean(headers, allow_impersonation=False):
     return Cleaned(out, bearer if bearer is not None else ws_bearer, impersonation, upgrade)
 
 
+# In a canonical head (arc.guard.http1.Head) every header line this module
+# acts on starts with one of these (lower-cased).
+_SPECIAL = re.compile(r"\r\n(?:(?:authorization|connection|upgrade|sec-websocket-protocol|"
+                      r"proxy-authorization|audit-id): |impersonate-|x-remote-|x-forwarded-)")
+_AUTHORIZATION = "\r\nauthorization: "
+
+
+def clean_head(head, allow_impersonation=False):
+    """:func:`clean` for a parsed :class:`~arc.guard.http1.Head`.
+
+    A canonical head whose only identity header is one ``Authorization``
+    (what kubectl sends) is cleaned by cutting that line out of its text;
+    any other head goes through :func:`clean`, with the same outcome.
+    """
+    lower = head.lower
+    if lower is not None:
+        start = lower.find(_AUTHORIZATION)
+        if start >= 0:
+            end = lower.find("\r\n", start + 2)
+            if end < 0:
+                end = len(lower)
+            # No other line to act on (a second Authorization included).
+            if _SPECIAL.search(lower[:start] + lower[end:]) is None:
+                text = head.text
+                return Cleaned(None, _bearer(text[start + len(_AUTHORIZATION):end]), [], "",
+                               text[:start] + text[end:])
+    return clean(head.headers, allow_impersonation)
+
+
 def impersonation_headers(username, groups, extra):
     """The headers that make the API server act as the caller."""
     out = [["Impersonate-User", username]]
@@ -131,3 +178,38 @@ def _header_value(value):
     if value.isascii() and value.isprintable():
         return value
     return quote(value, safe="")
+
+
+_IDENTITY_LINES = {}
+_IDENTITY_LINES_SIZE = 1024
+
+
+def identity_lines(principal):
+    """:func:`impersonation_headers` of ``principal`` as header lines (see :func:`header_lines`).
+
+    Remembered per principal object: the authenticator hands out the same
+    object for the same caller (static user, cached ID token).
+    """
+    entry = _IDENTITY_LINES.get(id(principal))
+    # The entry holds the principal, so its id cannot be reused while it is here.
+    if entry is not None and entry[0] is principal:
+        return entry[1]
+    text = header_lines(impersonation_headers(principal.username, principal.groups,
+                                              principal.extra))
+    if len(_IDENTITY_LINES) >= _IDENTITY_LINES_SIZE:
+        _IDENTITY_LINES.clear()
+    _IDENTITY_LINES[id(principal)] = (principal, text)
+    return text
+
+
+_last_credentials = (None, "")
+
+
+def credential_lines(headers):
+    """:func:`header_lines` of the guard's credential headers (the same for a while)."""
+    global _last_credentials
+    last, text = _last_credentials
+    if headers != last:
+        text = header_lines(headers)
+        _last_credentials = (headers, text)
+    return text

@@ -7,6 +7,8 @@ connection is found.  A general-purpose parser (h11 and the like) decodes
 and re-encodes every body chunk; here a body costs a counter per read.
 """
 
+import re
+
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 200
 
@@ -21,14 +23,31 @@ class HTTPError(Exception):
 
 
 class Head:
-    """A parsed message head; ``headers`` keep order, case and repeats."""
+    """A parsed message head; ``headers`` keep order, case and repeats.
 
-    __slots__ = ("start", "headers", "_index")
+    Most heads are *canonical*: every header line is ``Name: value`` with a
+    token name, one space, and a value that neither starts nor ends with
+    whitespace.  Such a head keeps its header block as text
+    (``text``, each line preceded by CRLF) and answers lookups by searching
+    it; the ``headers`` list is built only when asked for.  Any other head is
+    parsed line by line and looked up through an index.  Both give the same
+    answers.
+    """
 
-    def __init__(self, start, headers):
+    __slots__ = ("start", "_headers", "_index", "text", "lower")
+
+    def __init__(self, start, headers, text=None):
         self.start = start          # (method, target, version) or (version, status, reason)
-        self.headers = headers      # list of [name, value] (str, latin-1)
+        self._headers = headers     # list of [name, value] (str, latin-1), or None
         self._index = None
+        self.text = text            # the header block of a canonical head, else None
+        self.lower = text.lower() if text is not None else None     # for lookups
+
+    @property
+    def headers(self):
+        if self._headers is None:
+            self._headers = [line.split(": ", 1) for line in self.text.split("\r\n")[1:]]
+        return self._headers
 
     def _lookup(self):
         # Built once per head: several lookups per message are the rule.
@@ -39,26 +58,74 @@ class Head:
         return index
 
     def set_headers(self, headers):
-        self.headers = headers
+        self._headers = headers
         self._index = None
+        self.text = self.lower = None
 
     def get(self, name):
+        if self.text is not None:
+            key = _KEYS.get(name) or _key(name)
+            i = self.lower.find(key)
+            if i < 0:
+                return None
+            i += len(key)
+            end = self.text.find("\r\n", i)
+            return self.text[i:end] if end >= 0 else self.text[i:]
         values = (self._index or self._lookup()).get(name.lower())
         return values[0] if values else None
 
     def get_all(self, name):
+        if self.text is not None:
+            key = _KEYS.get(name) or _key(name)
+            i = self.lower.find(key)
+            if i < 0:
+                return []
+            out = []
+            text, lower = self.text, self.lower
+            while i >= 0:
+                i += len(key)
+                end = text.find("\r\n", i)
+                if end < 0:
+                    out.append(text[i:])
+                    break
+                out.append(text[i:end])
+                i = lower.find(key, end)
+            return out
         return list((self._index or self._lookup()).get(name.lower(), ()))
 
+    def has(self, name):
+        """True if the head has header ``name``."""
+        if self.text is not None:
+            return (_KEYS.get(name) or _key(name)) in self.lower
+        return name.lower() in (self._index or self._lookup())
+
     def tokens(self, name):
+        if self.text is not None and (_KEYS.get(name) or _key(name)) not in self.lower:
+            return []
         out = []
         for value in self.get_all(name):
             out.extend(t.strip().lower() for t in value.split(",") if t.strip())
         return out
 
+    def header_text(self):
+        """The header lines as sent on, each preceded by CRLF."""
+        if self.text is not None:
+            return self.text
+        return "".join(["\r\n%s: %s" % (k, v) for k, v in self.headers])
+
     def serialize(self):
-        lines = [" ".join(self.start)]
-        lines.extend("%s: %s" % (k, v) for k, v in self.headers)
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return (" ".join(self.start) + self.header_text() + "\r\n\r\n").encode("latin-1")
+
+
+_KEYS = {}
+
+
+def _key(name):
+    """What starts the line of header ``name`` in the lower-cased text of a canonical head."""
+    key = "\r\n%s: " % (name.lower(),)
+    if len(_KEYS) < 256:
+        _KEYS[name] = key
+    return key
 
 
 def split_head(buf, max_head=MAX_HEAD):
@@ -71,14 +138,30 @@ def split_head(buf, max_head=MAX_HEAD):
     return end + 4
 
 
+# A canonical header block (see Head): at most MAX_HEADERS lines of a token
+# name, ": " and a value that neither starts nor ends with whitespace and
+# holds no CR.  Read line by line, such a block gives the same names and values.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_CANONICAL = re.compile(r"(?:\r\n%s: \S[^\r]*(?<!\s)){0,%d}" % (_TOKEN, MAX_HEADERS))
+
+
 def parse_head(raw, request=True):
     """Parse a complete head (ending in CRLF CRLF)."""
     try:
         text = raw[:-4].decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
         raise HTTPError(400, "undecodable head")
-    lines = text.split("\r\n")
-    start = lines[0].split(" ", 2)
+    lines = text.count("\r\n")
+    if text.count("\n") != lines or text.count("\r") != lines:
+        # A lone LF ends a line for Go's parser but not for ours: a value
+        # holding one could smuggle a header (Impersonate-User...) past the
+        # checks, so such heads are refused outright.
+        if request:
+            raise HTTPError(400, "bare CR or LF in the request head (lines must end in CRLF)")
+        raise HTTPError(502, "bare CR or LF in the head from the API server")
+    first = text.find("\r\n")
+    block = text[first:] if first >= 0 else ""
+    start = (text[:first] if first >= 0 else text).split(" ", 2)
     if request:
         if len(start) != 3 or not start[2].startswith("HTTP/1."):
             raise HTTPError(400, "malformed request line")
@@ -86,10 +169,12 @@ def parse_head(raw, request=True):
         raise HTTPError(502, "malformed status line from the API server")
     if len(start) == 2:
         start.append("")
-    if len(lines) - 1 > MAX_HEADERS:
+    if _CANONICAL.fullmatch(block):
+        return Head(tuple(start), None, block)
+    if block.count("\r\n") > MAX_HEADERS:
         raise HTTPError(431, "more than %d header lines" % MAX_HEADERS)
     headers = []
-    for line in lines[1:]:
+    for line in block.split("\r\n")[1:]:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip() or " " in name:
             raise HTTPError(400, "malformed header line")
@@ -104,6 +189,8 @@ NONE, LENGTH, CHUNKED, UNTIL_CLOSE = "none", "length", "chunked", "close"
 
 def request_framing(head):
     """How the request body is delimited: ``(kind, length)``."""
+    if not head.has("transfer-encoding") and not head.has("content-length"):
+        return NONE, 0
     te = head.tokens("transfer-encoding")
     lengths = head.get_all("content-length")
     if te:
@@ -134,6 +221,11 @@ def response_framing(head, request_method):
         n = int(length)
         return (LENGTH, n) if n else (NONE, 0)
     return UNTIL_CLOSE, 0
+
+
+def body_tracker(kind, length=0):
+    """A :class:`BodyTracker` for a body of ``kind`` (a shared one when there is no body)."""
+    return NO_BODY if kind == NONE else BodyTracker(kind, length)
 
 
 class BodyTracker:
@@ -174,8 +266,12 @@ class BodyTracker:
                 i += take
                 self.remaining -= take
                 if not self.remaining:
-                    self._state = "data-crlf"
-                    self._line = b""
+                    if buf[i:i + 2] == b"\r\n":     # the CRLF after the data, as a rule
+                        i += 2
+                        self._state = "size"
+                    else:
+                        self._state = "data-crlf"
+                        self._line = b""
                 continue
             end = buf.find(b"\n", i)
             if end < 0:
@@ -202,3 +298,7 @@ class BodyTracker:
             elif not line.strip():      # trailer: an empty line ends the body
                 self.done = True
         return i
+
+
+#: The tracker of every message without a body: done from the start, it never changes.
+NO_BODY = BodyTracker(NONE)

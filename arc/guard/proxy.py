@@ -18,22 +18,23 @@ request leaves one audit record.
 """
 
 import time
-import uuid
 
+from twisted.internet.defer import fail
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from arc import status as kstatus
 from arc.guard import http1
-from arc.guard.audit import AuditRecord
-from arc.guard.headers import clean, impersonation_headers
+from arc.guard.audit import AuditRecord, new_audit_id
+from arc.guard.headers import clean_head, credential_lines, header_lines, identity_lines
 from arc.guard.http1 import HTTPError
 from arc.guard.requestinfo import request_info
 from arc.guard.sar import ImpersonationRefused, check_impersonation
 from arc.identity.authenticator import PASSTHROUGH
-from arc.identity.model import AuthError
+from arc.identity.model import AuthError, Principal
 from arc.tls import set_nodelay
 
 HEAD, AUTH, BODY, WAIT, SPLICED, CLOSED = range(6)
@@ -87,13 +88,12 @@ class QuietFactory(Factory):
 class _UpstreamSide(Protocol):
     def __init__(self, guard):
         self.guard = guard
+        # The API server's bytes go straight to the guard.
+        self.dataReceived = guard.upstream_data
 
     def connectionMade(self):
         set_nodelay(self.transport)
         self.guard.upstream_connected(self)
-
-    def dataReceived(self, data):
-        self.guard.upstream_data(data)
 
     def connectionLost(self, reason):
         self.guard.upstream_lost(self, reason)
@@ -107,7 +107,7 @@ class GuardProtocol(Protocol):
         self.guard = guard
         self.peer = peer
         self.state = HEAD
-        self._in = bytearray()
+        self._in = b""             # bytes not yet consumed (bytes, or a bytearray)
         self._gate = None
         self._up = None            # _UpstreamSide, once connected
         self._up_mode = None
@@ -124,26 +124,47 @@ class GuardProtocol(Protocol):
         self._audit_id = None
         self._started = 0.0
         self._idle_timer = None
+        self._idle_timeout = None
+        self._idle_since = None    # when the wait for the next request began; None: busy
+        self._clock = None
 
     # -- downstream ----------------------------------------------------------
 
     def connectionMade(self):
         set_nodelay(self.transport)
         self._gate = _PauseGate(self.transport)
+        self._idle_timeout = getattr(getattr(self.guard, "cfg", None), "idle_timeout", None)
+        self._clock = getattr(getattr(self.guard, "upstream", None), "reactor", None)
         self._arm_idle()
 
-    def _arm_idle(self):
-        """Time the wait for the next complete request head (only between requests)."""
-        timeout = getattr(getattr(self.guard, "cfg", None), "idle_timeout", None)
-        clock = getattr(getattr(self.guard, "upstream", None), "reactor", None)
-        if timeout and clock is not None and self._idle_timer is None:
-            self._idle_timer = clock.callLater(timeout, self._idle_expired, timeout)
+    # The wait for the next complete request head is timed (only between
+    # requests).  One timer runs per connection: a request starting only
+    # marks the connection busy, and the timer, when it fires, looks again
+    # at when the connection last became idle.
 
-    def _disarm_idle(self):
+    def _arm_idle(self):
+        """The connection waits for a request head from now on."""
+        if self._idle_timeout and self._clock is not None:
+            self._idle_since = self._clock.seconds()
+            if self._idle_timer is None:
+                self._idle_timer = self._clock.callLater(self._idle_timeout, self._idle_check)
+
+    def _cancel_idle(self):
+        self._idle_since = None
         if self._idle_timer is not None:
             if self._idle_timer.active():
                 self._idle_timer.cancel()
             self._idle_timer = None
+
+    def _idle_check(self):
+        self._idle_timer = None
+        if self._idle_since is None:
+            return      # busy: armed again when the request ends
+        left = self._idle_since + self._idle_timeout - self._clock.seconds()
+        if left > 0:
+            self._idle_timer = self._clock.callLater(left, self._idle_check)
+            return
+        self._idle_expired(self._idle_timeout)
 
     def _idle_expired(self, timeout):
         self._idle_timer = None
@@ -166,7 +187,12 @@ class GuardProtocol(Protocol):
             return
         if self.state == CLOSED:
             return
-        self._in += data
+        if self._in:
+            if type(self._in) is bytes:
+                self._in = bytearray(self._in)
+            self._in += data
+        else:
+            self._in = data if type(data) is bytes else bytes(data)
         self._advance()
 
     def readConnectionLost(self):
@@ -183,7 +209,7 @@ class GuardProtocol(Protocol):
         pass
 
     def connectionLost(self, reason):
-        self._disarm_idle()
+        self._cancel_idle()
         previous, self.state = self.state, CLOSED
         up, self._up = self._up, None
         if up is not None:
@@ -201,34 +227,36 @@ class GuardProtocol(Protocol):
             if self.state == HEAD:
                 if not self._in:
                     return
+                buf = self._in
                 try:
-                    end = http1.split_head(self._in)
+                    end = http1.split_head(buf)
                     if end < 0:
                         return
-                    if self._idle_timer is not None:
-                        self._disarm_idle()
-                    raw = bytes(self._in[:end])
-                    del self._in[:end]
+                    self._idle_since = None     # busy (see _arm_idle)
+                    raw = buf[:end]
+                    self._in = buf[end:]
                     head = http1.parse_head(raw)
                     kind, length = http1.request_framing(head)
                 except HTTPError as e:
                     self._refuse(e.status, e.message)
                     return
-                self._req_body = http1.BodyTracker(kind, length)
+                self._req_body = http1.body_tracker(kind, length)
                 self.state = AUTH
-                self._gate.pause("auth")
                 self._begin(head)
                 return
             if self.state == BODY:
                 if self._in:
+                    buf = self._in
                     try:
-                        end = self._req_body.feed(self._in, 0)
+                        end = self._req_body.feed(buf, 0)
                     except HTTPError as e:
                         self._refuse(e.status, e.message)
                         return
                     if end:
-                        chunk = bytes(self._in[:end])
-                        del self._in[:end]
+                        if end == len(buf):
+                            chunk, self._in = bytes(buf), b""
+                        else:
+                            chunk, self._in = bytes(buf[:end]), buf[end:]
                         self._to_upstream(chunk)
                         self._count_in(len(chunk))
                 if not self._req_body.done:
@@ -241,7 +269,8 @@ class GuardProtocol(Protocol):
                         self._gate.pause("pipelined")
                     return
                 self.state = HEAD
-                self._gate.resume("pipelined")
+                if self._gate.reasons:
+                    self._gate.resume("pipelined")
                 continue
             return
 
@@ -252,7 +281,7 @@ class GuardProtocol(Protocol):
         self._req_method = method
         self._req_close = "close" in head.tokens("connection")
         self._started = time.monotonic()
-        self._audit_id = str(uuid.uuid4())
+        self._audit_id = new_audit_id()
         record = self._record = AuditRecord()
         record.audit_id = self._audit_id
         record.cluster = self.guard.cluster
@@ -265,7 +294,7 @@ class GuardProtocol(Protocol):
         record.name = info.name
         record.subresource = info.subresource
         try:
-            cleaned = clean(head.headers, self.guard.allow_impersonation)
+            cleaned = clean_head(head, self.guard.allow_impersonation)
         except HTTPError as e:
             self._refuse(e.status, e.message)
             return
@@ -274,10 +303,24 @@ class GuardProtocol(Protocol):
             self._refuse(401, "no bearer token in the request: the kubeconfig user for this "
                               "cluster needs a token (arc token / tokenFile)")
             return
-        d = self.guard.authenticator.authenticate(cleaned.bearer)
-        d.addCallbacks(self._authenticated, self._auth_failed,
-                       callbackArgs=(head, cleaned))
-        d.addErrback(self._internal_error)
+        # The authenticator answers at once when it can (verdict); the
+        # connection stops reading only while an answer is awaited.
+        authenticator = self.guard.authenticator
+        verdict = getattr(authenticator, "verdict", None)
+        try:
+            principal = (verdict or authenticator.authenticate)(cleaned.bearer)
+        except AuthError:
+            principal = fail()
+        if principal is PASSTHROUGH or isinstance(principal, Principal):
+            try:
+                self._authenticated(principal, head, cleaned)
+            except Exception:
+                self._internal_error(Failure())
+            return
+        self._gate.pause("auth")
+        principal.addCallbacks(self._authenticated, self._auth_failed,
+                               callbackArgs=(head, cleaned))
+        principal.addErrback(self._internal_error)
 
     def _auth_failed(self, failure):
         if self.state == CLOSED:
@@ -301,6 +344,7 @@ class GuardProtocol(Protocol):
         if principal is not PASSTHROUGH and cleaned.impersonation:
             # kubectl --as: only what SubjectAccessReviews allow (arc.guard.sar).
             self._record_caller(principal)
+            self._gate.pause("auth")
             d = check_impersonation(self.guard, principal, cleaned.impersonation)
             d.addCallbacks(self._forward, self._impersonation_refused,
                            callbackArgs=(principal, head, cleaned))
@@ -334,34 +378,35 @@ class GuardProtocol(Protocol):
         if self.state == CLOSED:
             return
         record = self._record
-        headers = cleaned.headers
         if principal is PASSTHROUGH:
             mode = PASSTHROUGH_MODE
             record.method = "passthrough"
-            headers.append(["Authorization", "Bearer " + cleaned.bearer])
-            headers.extend([name, value] for name, value in cleaned.impersonation)
+            added = "\r\nAuthorization: Bearer " + cleaned.bearer
+            if cleaned.impersonation:
+                added += header_lines(cleaned.impersonation)
         else:
             mode = GUARD_MODE
             self._record_caller(principal)
             if requested is None:
                 record.impersonated_user = principal.username
                 record.impersonated_groups = list(principal.groups)
-                headers.extend(impersonation_headers(principal.username, principal.groups,
-                                                     principal.extra))
+                added = identity_lines(principal)
             else:
                 record.impersonated_user = requested.user
                 record.impersonated_groups = list(requested.groups)
-                headers.extend(requested.headers())
-            headers.extend(self.guard.upstream.credential_headers())
-        headers.append(["Audit-ID", self._audit_id])
+                added = header_lines(requested.headers())
+            added += credential_lines(self.guard.upstream.credential_headers())
         record.decision = "allow"
-        head.set_headers(headers)
+        method, target, version = head.start
+        raw = ("%s %s %s%s%s\r\nAudit-ID: %s\r\n\r\n"
+               % (method, target, version, cleaned.header_text(), added,
+                  self._audit_id)).encode("latin-1")
         self._resp_state = HEAD
         self._resp_started = False
-        self._send_head(mode, head.serialize())
+        self._send_head(mode, raw)
 
     def _send_head(self, mode, raw):
-        self._count_in(len(raw))
+        self._record.bytes_in += len(raw)
         if self._up is not None and self._up_mode == mode:
             self._up.transport.write(raw)
             self._request_flowing()
@@ -372,12 +417,15 @@ class GuardProtocol(Protocol):
             old.transport.loseConnection()
         self._up_mode = mode
         self._up_pending = [raw]
+        # Nothing more is read from the client until the API server answers.
+        self._gate.pause("auth")
         d = self.guard.upstream.connect(mode, QuietFactory(lambda: _UpstreamSide(self)))
         d.addErrback(self._upstream_failed)
 
     def _request_flowing(self):
         self.state = BODY
-        self._gate.resume("auth")
+        if self._gate.reasons:
+            self._gate.resume("auth")
         self._advance()
 
     def _to_upstream(self, data):
@@ -415,13 +463,19 @@ class GuardProtocol(Protocol):
             self.transport.write(data)
             return
         if self._resp_state == HEAD:
-            self._resp_buf += data
+            if self._resp_buf:
+                self._resp_buf += data
+                buf = self._resp_buf
+            else:
+                buf = data
             try:
-                end = http1.split_head(self._resp_buf)
+                end = http1.split_head(buf)
                 if end < 0:
+                    if buf is data:
+                        self._resp_buf = bytearray(data)
                     return
-                raw = bytes(self._resp_buf[:end])
-                rest = bytes(self._resp_buf[end:])
+                raw = bytes(buf[:end])
+                rest = bytes(buf[end:])
                 self._resp_buf = bytearray()
                 head = http1.parse_head(raw, request=False)
             except HTTPError as e:
@@ -440,12 +494,12 @@ class GuardProtocol(Protocol):
             raw = raw[:-2] + b"Audit-ID: " + self._audit_id.encode() + b"\r\n\r\n"
         self._resp_started = True
         self._count_out(len(raw))
-        self.transport.write(raw)
         if status == 101:
+            self.transport.write(raw)
             self._record.status = 101
             self.state = SPLICED
             self._resp_state = None
-            leftover, self._in = bytes(self._in), bytearray()
+            leftover, self._in = bytes(self._in), b""
             self._gate.resume("pipelined")
             if leftover:
                 self._count_in(len(leftover))
@@ -455,17 +509,33 @@ class GuardProtocol(Protocol):
                 self.transport.write(rest)
             return
         if 100 <= status < 200:
+            self.transport.write(raw)
             self._resp_state = HEAD
             if rest:
                 self.upstream_data(rest)
             return
         self._record.status = status
         kind, length = http1.response_framing(head, self._req_method)
-        self._resp_body = http1.BodyTracker(kind, length)
+        tracker = self._resp_body = http1.body_tracker(kind, length)
         self._resp_close = "close" in head.tokens("connection")
         self._resp_state = BODY
-        if rest or self._resp_body.done:
-            self._response_body(rest)
+        if not rest and not tracker.done:
+            self.transport.write(raw)
+            return
+        # The head and the body bytes that came with it leave in one write.
+        try:
+            end = tracker.feed(rest, 0)
+        except HTTPError as e:
+            self.transport.write(raw)
+            self._upstream_broken("bad chunked answer from the API server: %s" % e.message)
+            return
+        if end:
+            self._record.bytes_out += end
+            self.transport.writeSequence((raw, rest if end == len(rest) else rest[:end]))
+        else:
+            self.transport.write(raw)
+        if tracker.done:
+            self._response_done()
 
     def _response_body(self, data):
         tracker = self._resp_body
@@ -549,7 +619,7 @@ class GuardProtocol(Protocol):
             up.transport.abortConnection()
         if self._record is None:
             self._record = AuditRecord()
-            self._record.audit_id = str(uuid.uuid4())
+            self._record.audit_id = new_audit_id()
             self._record.cluster = self.guard.cluster
             self._record.peer = self.peer
             self._started = time.monotonic()

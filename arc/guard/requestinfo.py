@@ -64,6 +64,12 @@ class RequestInfo:
                 and self.api_group == "" and self.is_resource_request)
 
 
+#: Answers remembered for recent targets: kubectl asks for the same URLs again and again.
+_CACHE = {}
+CACHE_SIZE = 1024
+CACHE_TARGET_LENGTH = 1024
+
+
 def request_info(method, target):
     """The :class:`RequestInfo` of a request line's ``method`` and ``target``.
 
@@ -71,6 +77,18 @@ def request_info(method, target):
     :mod:`arc.guard.http1` decodes heads).  ``target`` is the origin form
     (``/api/v1/pods?watch=1``) or the absolute form (``https://host/api``).
     """
+    if type(method) is not str or type(target) is not str or len(target) > CACHE_TARGET_LENGTH:
+        return _request_info(method, target)
+    key = (method, target)
+    info = _CACHE.get(key)
+    if info is None:
+        info = _CACHE[key] = _request_info(method, target)
+        if len(_CACHE) > CACHE_SIZE:
+            _CACHE.clear()
+    return info
+
+
+def _request_info(method, target):
     if isinstance(method, bytes):
         method = method.decode("latin-1")
     if isinstance(target, bytes):

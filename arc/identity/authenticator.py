@@ -22,7 +22,7 @@ import hashlib
 import json
 import re
 
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
 from arc.identity.jws import looks_like_jwt, unverified_issuer
 from arc.identity.model import AuthError
@@ -111,33 +111,53 @@ class Authenticator:
         if len(self.issuers) != len(list(issuers)):
             raise ValueError("two OIDC issuers share an issuer URL")
         self.passthrough = passthrough
-        self._verified = {}   # sha256(token) -> (principal, valid until)
+        self._verified = {}   # sha256(token) -> (principal, valid until, issuer)
 
     def authenticate(self, token):
         """Deferred firing with a Principal or :data:`PASSTHROUGH`; fails with AuthError."""
+        try:
+            verdict = self.verdict(token)
+        except AuthError:
+            return fail()
+        if isinstance(verdict, Deferred):
+            return verdict
+        return succeed(verdict)
+
+    def verdict(self, token):
+        """:meth:`authenticate` without a Deferred when none is needed.
+
+        Returns a Principal or :data:`PASSTHROUGH` when the answer is known at
+        once (static tokens, passthrough, an ID token verified a moment ago),
+        raises AuthError for a refusal known at once, and otherwise returns a
+        Deferred as :meth:`authenticate` does.
+        """
         if not token:
-            return fail(AuthError("missing", "no token was sent; send "
-                                             "`Authorization: Bearer <token>` (run `arc login`)"))
+            raise AuthError("missing", "no token was sent; send "
+                                       "`Authorization: Bearer <token>` (run `arc login`)")
         if self.static is not None:
             principal = self.static.authenticate(token)
             if principal is not None:
-                return succeed(principal)
-        if self.issuers and looks_like_jwt(token):
-            issuer = self.issuers.get(unverified_issuer(token))
-            if issuer is not None:
-                key = hashlib.sha256(token.encode("utf-8", "replace")).digest()
-                now = issuer.clock.seconds()
-                hit = self._verified.get(key)
-                if hit is not None and hit[1] > now:
-                    return succeed(hit[0])
-                return issuer.authenticate(token).addCallback(self._remember, key, token, now)
+                return principal
+        if self.issuers:
+            key = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+            hit = self._verified.get(key)
+            # An entry exists only for a token that verified: the same token
+            # goes to the same issuer again, so the entry answers for it.
+            if hit is not None and hit[1] > hit[2].clock.seconds():
+                return hit[0]
+            if looks_like_jwt(token):
+                issuer = self.issuers.get(unverified_issuer(token))
+                if issuer is not None:
+                    now = issuer.clock.seconds()
+                    return issuer.authenticate(token).addCallback(self._remember, key, token,
+                                                                  now, issuer)
         if self.passthrough:
-            return succeed(PASSTHROUGH)
-        return fail(AuthError("unknown_token", "the token is not one this server accepts (no "
-                                               "static token matches%s); get a token with "
-                                               "`arc login`" % (self._issuers_text(),)))
+            return PASSTHROUGH
+        raise AuthError("unknown_token", "the token is not one this server accepts (no "
+                                         "static token matches%s); get a token with "
+                                         "`arc login`" % (self._issuers_text(),))
 
-    def _remember(self, principal, key, token, now):
+    def _remember(self, principal, key, token, now, issuer):
         until = now + self.cache_seconds
         exp = _unverified_exp(token)
         if exp is not None:
@@ -146,7 +166,7 @@ class Authenticator:
             # Drop the oldest entries (dicts keep insertion order).
             for old in list(self._verified)[:self.cache_size // 10 or 1]:
                 del self._verified[old]
-        self._verified[key] = (principal, until)
+        self._verified[key] = (principal, until, issuer)
         return principal
 
     def _issuers_text(self):

@@ -25,11 +25,19 @@ class GuardMetrics:
                                      "credential, by reason (missing_token, bad_header, or "
                                      "the identity code: expired, bad_signature, ...)",
                                      ["reason"], registry=registry)
+        # (decision, status) -> its labelled counter: labels() costs more than inc().
+        self._requests = {}
 
     def request(self, record):
         """One finished request (an :class:`~arc.guard.audit.AuditRecord`)."""
         decision = record.decision if record.decision in DECISIONS else "other"
-        self.requests.labels(decision, status_class(record.status)).inc()
+        key = (decision, record.status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self.requests.labels(decision, status_class(record.status))
+            if type(record.status) is int and 100 <= record.status < 600:
+                self._requests[key] = child     # at most 4 x 500 entries
+        child.inc()
         if decision == "deny" and record.status == 401:
             reason = record.reason or ""
             if reason.startswith(AUTH_REASON_PREFIX):
