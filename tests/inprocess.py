@@ -68,6 +68,7 @@ class InProcessChain:
         upstream = APIServer(reactor, Target(server="https://127.0.0.1:%d" % backend,
                                              host="127.0.0.1", port=backend, ca_pem=self.ca))
         guard = self.make_guard(upstream) if self.make_guard else None
+        test.addCleanup(upstream.idle.close)
         self.agent = Agent(reactor, "demo", upstream, self.limits, guard)
         dialer = TunnelDialer(reactor, relay_url=relay_url, path=AGENT_PATH,
                               credential=lambda: "agent-token",

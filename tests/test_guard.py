@@ -396,3 +396,103 @@ class HeaderTests(unittest.TestCase):
         self.assertEqual([v for k, v in headers if k == "Impersonate-Extra-scopes"], ["r", "w"])
         self.assertEqual([v for k, v in headers if k == "Impersonate-Group"], ["a", "b"])
 
+
+class PooledUpstream(FakeUpstream):
+    """A FakeUpstream whose connections look like live sockets, with an idle pool."""
+
+    def __init__(self, clock, **kw):
+        super().__init__(**kw)
+        from arc.guard.upstream import IdleConnections
+        self.idle = IdleConnections(clock, most=2, timeout=30.0)
+
+    def connect(self, mode, factory):
+        d = super().connect(mode, factory)
+        self.connections[-1][2].connected = True
+        return d
+
+
+class UpstreamPoolTests(GuardTestCase):
+    """A keep-alive connection to the API server outlives its client connection."""
+
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+        super().setUp()
+        self.clock = Clock()
+        self.guard.upstream = PooledUpstream(self.clock)
+
+    def exchange(self, token=ALICE, answer=OK, close=True):
+        proto, down = self.connect()
+        proto.dataReceived(request(token=token))
+        mode, up, up_t = self.upstream()
+        up.dataReceived(answer)
+        if close:
+            proto.connectionLost(None)
+        return proto, down, up, up_t
+
+    def test_next_client_connection_reuses_it(self):
+        _, down1, up, up_t = self.exchange()
+        self.assertFalse(up_t.disconnecting, "kept, not closed")
+        self.assertEqual(len(self.guard.upstream.idle), 1)
+        _, down2, _, _ = self.exchange()
+        self.assertEqual(len(self.guard.upstream.connections), 1, "no second connection")
+        self.assertEqual(up_t.value().count(b"GET "), 2)
+        self.assertEqual(down2.value().count(b"HTTP/1.1 200 OK"), 1)
+        # Each request carried its own credentials and identity.
+        self.assertEqual(up_t.value().count(b"Impersonate-User: alice"), 2)
+        self.assertEqual(len(self.guard.audit.records), 2)
+
+    def test_modes_never_share(self):
+        self.exchange()                               # a guard-mode connection parked
+        self.guard.authenticator = static_authenticator(passthrough=True)
+        self.exchange(token="a-kubernetes-token")     # passthrough: a new one
+        modes = [mode for mode, _, _ in self.guard.upstream.connections]
+        self.assertEqual(modes, [GUARD, PASSTHROUGH])
+
+    def test_not_kept_after_connection_close(self):
+        _, _, up, up_t = self.exchange(
+            answer=b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(up_t.disconnecting)
+        self.assertEqual(len(self.guard.upstream.idle), 0)
+
+    def test_not_kept_mid_answer(self):
+        _, _, up, up_t = self.exchange(answer=b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
+        self.assertTrue(up_t.disconnecting)
+        self.assertEqual(len(self.guard.upstream.idle), 0)
+
+    def test_parked_connection_that_speaks_is_dropped(self):
+        _, _, up, up_t = self.exchange()
+        up.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        self.assertTrue(up_t.disconnecting)
+        self.assertEqual(len(self.guard.upstream.idle), 0)
+        self.exchange()
+        self.assertEqual(len(self.guard.upstream.connections), 2)
+
+    def test_closed_by_the_api_server_while_parked(self):
+        _, _, up, up_t = self.exchange()
+        up.connectionLost(None)
+        self.assertEqual(len(self.guard.upstream.idle), 0)
+
+    def test_idle_timeout_and_limit(self):
+        protos = [self.exchange(close=False) for _ in range(3)]
+        for proto, _, _, _ in protos:
+            proto.connectionLost(None)
+        self.assertEqual(len(self.guard.upstream.idle), 2, "at most `most` kept")
+        self.assertTrue(protos[2][3].disconnecting)
+        self.clock.advance(31)
+        self.assertEqual(len(self.guard.upstream.idle), 0)
+        self.assertTrue(all(p[3].disconnecting for p in protos))
+
+    def test_client_connection_close_stays_with_the_client(self):
+        # "Connection: close" is hop-by-hop: the client's connection closes
+        # after the answer, the one to the API server is kept.
+        proto, down = self.connect()
+        proto.dataReceived(request(headers=[("Connection", "close")]))
+        mode, up, up_t = self.upstream()
+        self.assertNotIn(b"close", up_t.value().lower())
+        up.dataReceived(self.OK)
+        self.assertTrue(down.disconnecting)
+        proto.connectionLost(None)
+        self.assertFalse(up_t.disconnecting)
+        self.assertEqual(len(self.guard.upstream.idle), 1)

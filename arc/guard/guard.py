@@ -93,6 +93,9 @@ class Guard:
         """Services to run beside the guard: key refresh, token re-reading."""
         services = list(self.authenticator.services())
         services.append(self.audit)
+        idle = getattr(self.upstream, "idle", None)
+        if idle is not None:
+            services.append(idle)       # idle API server connections, closed at the end
         if self.upstream.target.token_file:
             services.append(TimerService(self.cfg.token_refresh, self.upstream.refresh_token))
         return services

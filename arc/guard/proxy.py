@@ -17,6 +17,7 @@ the API server's SubjectAccessReviews allow (:mod:`arc.guard.sar`).  Every
 request leaves one audit record.
 """
 
+import re
 import time
 
 from twisted.internet.defer import fail
@@ -38,6 +39,9 @@ from arc.identity.model import AuthError, Principal
 from arc.tls import set_nodelay
 
 HEAD, AUTH, BODY, WAIT, SPLICED, CLOSED = range(6)
+
+# ``Connection: close`` from the client, as a whole header line.
+_CLOSE_LINE = re.compile(r"\r\nconnection:[ \t]*close[ \t]*(?=\r\n|$)", re.I)
 PASSTHROUGH_MODE = "passthrough"
 GUARD_MODE = "guard"
 
@@ -115,6 +119,7 @@ class GuardProtocol(Protocol):
         self._req_body = None
         self._req_method = None
         self._req_close = False
+        self._up_closing = False   # the last request told the API server to close
         self._resp_state = None    # None: no request outstanding; HEAD; BODY
         self._resp_buf = bytearray()
         self._resp_body = None
@@ -212,7 +217,7 @@ class GuardProtocol(Protocol):
         self._cancel_idle()
         previous, self.state = self.state, CLOSED
         up, self._up = self._up, None
-        if up is not None:
+        if up is not None and not (previous == HEAD and self._park(up)):
             up.transport.abortConnection()
         if self._record is not None and previous != CLOSED:
             if previous == SPLICED:
@@ -398,12 +403,32 @@ class GuardProtocol(Protocol):
             added += credential_lines(self.guard.upstream.credential_headers())
         record.decision = "allow"
         method, target, version = head.start
+        text = cleaned.header_text()
+        if self._req_close and not cleaned.upgrade and version == "HTTP/1.1":
+            # Connection is hop-by-hop: the client's "close" is the guard's to
+            # honour (it closes the client connection after the answer); the
+            # connection to the API server stays alive for the next client.
+            text = _CLOSE_LINE.sub("", text)
+        self._up_closing = version != "HTTP/1.1" or "close" in text.lower()
         raw = ("%s %s %s%s%s\r\nAudit-ID: %s\r\n\r\n"
-               % (method, target, version, cleaned.header_text(), added,
-                  self._audit_id)).encode("latin-1")
+               % (method, target, version, text, added, self._audit_id)).encode("latin-1")
         self._resp_state = HEAD
         self._resp_started = False
         self._send_head(mode, raw)
+
+    def _park(self, side):
+        """Leave an idle upstream connection for the next client connection.
+
+        Only between requests: the last answer was complete and kept the
+        connection alive.  True if it was kept.
+        """
+        idle = getattr(self.guard.upstream, "idle", None)
+        if (idle is None or self._resp_state is not None or self._resp_close
+                or self._up_closing):
+            return False
+        if getattr(side.transport, "producer", None) is not None:
+            side.transport.unregisterProducer()
+        return idle.put(self._up_mode, side)
 
     def _send_head(self, mode, raw):
         self._record.bytes_in += len(raw)
@@ -414,8 +439,18 @@ class GuardProtocol(Protocol):
         if self._up is not None:
             old, self._up = self._up, None
             self._detach(old)
-            old.transport.loseConnection()
+            if not self._park(old):
+                old.transport.loseConnection()
         self._up_mode = mode
+        idle = getattr(self.guard.upstream, "idle", None)
+        side = idle.take(mode) if idle is not None else None
+        if side is not None:
+            # A connection another client left idle: no new TLS handshake.
+            side.guard = self
+            side.dataReceived = self.upstream_data
+            self._up_pending = [raw]
+            self.upstream_connected(side)
+            return
         self._up_pending = [raw]
         # Nothing more is read from the client until the API server answers.
         self._gate.pause("auth")
@@ -556,8 +591,11 @@ class GuardProtocol(Protocol):
         if self._req_close or self._resp_close:
             self.state = CLOSED
             self.transport.loseConnection()
-            if self._up is not None:
-                self._up.transport.loseConnection()
+            up, self._up = self._up, None
+            if up is not None:
+                self._detach(up)
+                if not self._park(up):
+                    up.transport.loseConnection()
             return
         if self.state == WAIT:
             self._advance()

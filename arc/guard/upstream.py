@@ -11,6 +11,7 @@ Two kinds of connection are made:
   service-account token file, re-read periodically so rotation works).
 """
 
+from twisted.application.service import Service
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 
@@ -21,6 +22,92 @@ from arc.tlssocket import TLSClientEndpoint
 GUARD = "guard"
 PASSTHROUGH = "passthrough"
 
+# Keep-alive connections to the API server left idle by a finished client
+# connection serve the next one, so that a new kubectl connection does not
+# cost a TLS handshake with the API server.
+MAX_IDLE = 32
+IDLE_TIMEOUT = 30.0
+
+
+class IdleConnections(Service):
+    """Idle keep-alive connections to the API server, by mode.
+
+    A connection is kept only between two requests (its last answer was
+    complete and did not say ``Connection: close``); a request always
+    carries its own credentials (the caller's token in passthrough mode,
+    the guard's own plus impersonation otherwise), and the modes are never
+    mixed, so a connection can serve any caller of its mode.  While parked,
+    a connection that the API server closes, or that says anything, is
+    dropped; so is one idle for longer than ``timeout``.
+    """
+
+    def __init__(self, clock, most=MAX_IDLE, timeout=IDLE_TIMEOUT):
+        self.clock = clock
+        self.most = most
+        self.timeout = timeout
+        self._idle = {}         # mode -> list of (side, timer)
+
+    def __len__(self):
+        return sum(len(v) for v in self._idle.values())
+
+    def put(self, mode, side):
+        """Park ``side`` (an upstream protocol); False if it cannot be kept."""
+        transport = side.transport
+        if (transport is None or not transport.connected or transport.disconnecting
+                or len(self) >= self.most):
+            return False
+        transport.resumeProducing()     # a parked connection must notice a close
+        side.guard = self
+        side.dataReceived = lambda data, side=side: self._unexpected(side)
+        timer = self.clock.callLater(self.timeout, self._expire, mode, side)
+        self._idle.setdefault(mode, []).append((side, timer))
+        return True
+
+    def take(self, mode):
+        """The most recently parked connection of ``mode``, or None."""
+        idle = self._idle.get(mode)
+        while idle:
+            side, timer = idle.pop()
+            if timer.active():
+                timer.cancel()
+            transport = side.transport
+            if transport is not None and transport.connected and not transport.disconnecting:
+                return side
+        return None
+
+    def _forget(self, side):
+        for mode, idle in self._idle.items():
+            for i, (parked, timer) in enumerate(idle):
+                if parked is side:
+                    del idle[i]
+                    if timer.active():
+                        timer.cancel()
+                    return
+
+    def _expire(self, mode, side):
+        self._forget(side)
+        side.transport.loseConnection()
+
+    def _unexpected(self, side):
+        # Bytes nobody asked for: the connection's framing is unknown now.
+        self._forget(side)
+        side.transport.abortConnection()
+
+    def upstream_lost(self, side, reason):
+        self._forget(side)
+
+    def stopService(self):
+        super().stopService()
+        self.close()
+
+    def close(self):
+        for idle in self._idle.values():
+            for side, timer in idle:
+                if timer.active():
+                    timer.cancel()
+                side.transport.loseConnection()
+        self._idle = {}
+
 
 class APIServer:
     log = Logger()
@@ -29,6 +116,7 @@ class APIServer:
         self.reactor = reactor
         self.target = target
         self.timeout = timeout
+        self.idle = IdleConnections(reactor)
         self._token = target.token
         if target.insecure_skip_tls_verify:
             self.log.warn("upstream {server}: insecure-skip-tls-verify is set; the API "
