@@ -3,9 +3,11 @@
 import os
 
 from twisted.internet import defer, reactor, ssl
+from twisted.internet.interfaces import IReactorPluggableNameResolver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from arc import pki
 from arc.guard.upstream import GUARD, PASSTHROUGH, APIServer
@@ -98,3 +100,70 @@ class ClientCertificateTests(unittest.TestCase):
             yield client.got
         proto.transport.loseConnection()
         yield client.lost
+
+
+class _Resolver:
+    """The reactor's name resolver, recording the names it is asked for."""
+
+    def __init__(self):
+        self.names = []
+
+    def resolveHostName(self, receiver, hostName, *args, **kwargs):
+        self.names.append(hostName)
+        return reactor.nameResolver.resolveHostName(receiver, hostName, *args, **kwargs)
+
+
+@implementer(IReactorPluggableNameResolver)
+class _Reactor:
+    """The global reactor with a recording name resolver."""
+
+    def __init__(self):
+        self.nameResolver = _Resolver()
+
+    def installNameResolver(self, resolver):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def __getattr__(self, name):
+        return getattr(reactor, name)
+
+
+class AddressTests(unittest.TestCase):
+    """An API server given by address is dialled without asking a resolver
+    (each lookup costs a thread-pool round trip per connection); a name is
+    looked up for every connection."""
+
+    def setUp(self):
+        ca, ca_key = pki.new_ca("upstream CA")
+        cert, key = pki.issue(ca, ca_key, "apiserver", ips=["127.0.0.1"],
+                              dns_names=["localhost"])
+        server = ssl.PrivateCertificate.loadPEM(key + cert)
+        options = ssl.CertificateOptions(privateKey=server.privateKey.original,
+                                         certificate=server.original,
+                                         acceptableProtocols=[b"http/1.1"])
+        self.port = reactor.listenTCP(0, TLSMemoryBIOFactory(options, False,
+                                                             Factory.forProtocol(_Hello)),
+                                      interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.ca = ca
+
+    @defer.inlineCallbacks
+    def _hello(self, host):
+        port = self.port.getHost().port
+        fake = _Reactor()
+        api = APIServer(fake, Target(server="https://%s:%d" % (host, port), host=host,
+                                     port=port, ca_pem=self.ca))
+        for _ in range(2):
+            client = _Client()
+            proto = yield api.connect(PASSTHROUGH, Factory.forProtocol(lambda: client))
+            self.assertEqual((yield client.got), b"hello")
+            proto.transport.loseConnection()
+            yield client.lost
+        return fake.nameResolver.names
+
+    @defer.inlineCallbacks
+    def test_address_needs_no_resolver(self):
+        self.assertEqual((yield self._hello("127.0.0.1")), [])
+
+    @defer.inlineCallbacks
+    def test_name_is_resolved_for_each_connection(self):
+        self.assertEqual((yield self._hello("localhost")), ["localhost", "localhost"])

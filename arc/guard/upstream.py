@@ -12,7 +12,8 @@ Two kinds of connection are made:
 """
 
 from twisted.application.service import Service
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.logger import Logger
 
 from arc.errors import ConfigError
@@ -132,6 +133,18 @@ class APIServer:
                                              client_cert_pem=target.client_cert_pem,
                                              client_key_pem=target.client_key_pem)
         self.refresh_token()
+        host = target.host
+        if isIPAddress(host):
+            self._endpoint = lambda: TCP4ClientEndpoint(reactor, host, target.port,
+                                                        timeout=timeout)
+        elif isIPv6Address(host):
+            self._endpoint = lambda: TCP6ClientEndpoint(reactor, host, target.port,
+                                                        timeout=timeout)
+        else:
+            # A name is resolved again for each connection (the API server's
+            # addresses may change); an address needs no resolver.
+            self._endpoint = lambda: HostnameEndpoint(reactor, host, target.port,
+                                                      timeout=timeout)
 
     @property
     def has_credentials(self):
@@ -159,7 +172,6 @@ class APIServer:
         return self.target.server
 
     def connect(self, mode, factory):
-        endpoint = HostnameEndpoint(self.reactor, self.target.host, self.target.port,
-                                    timeout=self.timeout)
+        endpoint = self._endpoint()
         tls = self._guard if mode == GUARD else self._plain
         return TLSClientEndpoint(tls, endpoint).connect(factory)
