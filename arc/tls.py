@@ -71,6 +71,10 @@ class ClientTLS:
     verifies nothing (``insecure-skip-tls-verify``).
     """
 
+    # The last resumable session with this server: a new connection offers
+    # it, so that the server can skip its certificate and signature.
+    _session = None
+
     def __init__(self, server_name, options, twisted_creator, protocols=HTTP11):
         self.server_name = server_name
         self.protocols = list(protocols)
@@ -88,8 +92,16 @@ class ClientTLS:
             connection.set_tlsext_host_name(self.server_name.encode("idna"))
         if self.protocols:
             connection.set_alpn_protos(self.protocols)
+        if self._session is not None:
+            connection.set_session(self._session)
         connection.set_connect_state()
         return connection
+
+    def remember(self, connection):
+        """Keep ``connection``'s session for the next connection (its first data has arrived)."""
+        session = connection.get_session()
+        if session is not None:
+            self._session = session
 
     def check(self, connection):
         """Raise ``service_identity.VerificationError`` unless the peer has our name."""

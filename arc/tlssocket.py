@@ -133,6 +133,7 @@ class _TLSMixin:
     _tls = None             # OpenSSL.SSL.Connection on self.socket
     _handshaking = True
     _check = None           # callable(connection) checking the peer once done
+    _remember = None        # callable(connection) once the first data is read
     _queued = False
     _write_closed = False   # close_notify sent (loseWriteConnection)
     _read_closed = False    # close_notify received, protocol half-closed
@@ -144,11 +145,12 @@ class _TLSMixin:
     # .wrappedFactory`` and ``.abortConnection()`` (as on TLSMemoryBIOProtocol).
     factory = None
 
-    def _start(self, connection, check):
+    def _start(self, connection, check, remember=None):
         self._hooked = _hook(self.reactor)
         self._tls = connection
         connection.set_app_data(self)
         self._check = check
+        self._remember = remember
         self._handshaking = True
         self._tempDataBuffer = list(self._tempDataBuffer)
 
@@ -192,6 +194,11 @@ class _TLSMixin:
         except _Error as e:
             end = e
         if chunks:
+            if self._remember is not None:
+                # A TLS 1.3 server sends its session tickets before its first
+                # data: the session can be resumed from now on.
+                remember, self._remember = self._remember, None
+                remember(self._tls)
             self.protocol.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if end is main.CONNECTION_DONE and not self.disconnected:
             return self._peer_closed()
@@ -481,7 +488,7 @@ def can_start(transport):
             and not transport.dataBuffer)
 
 
-def start_tls(transport, connection, protocol, check=None, factory=None):
+def start_tls(transport, connection, protocol, check=None, factory=None, remember=None):
     """Run ``protocol`` over TLS on the TCP connection ``transport``.
 
     ``connection`` is an ``OpenSSL.SSL.Connection`` made on
@@ -490,11 +497,12 @@ def start_tls(transport, connection, protocol, check=None, factory=None):
     (with ``wrappedFactory``) is what Twisted's ALPN callback asks for.  The
     protocol is connected at once, as with Twisted's TLS: what it writes
     before the handshake ends is sent after it, and ``handshakeCompleted``
-    is called on an ``IHandshakeListener``.
+    is called on an ``IHandshakeListener``.  ``remember(connection)`` is
+    called once, when the first application data has been read.
     """
     transport.__class__ = _CLASSES[type(transport)]
     transport.factory = factory
-    transport._start(connection, check)
+    transport._start(connection, check, remember)
     transport.protocol = protocol
     protocol.makeConnection(transport)
     if transport.connected and not transport.disconnected:
@@ -609,7 +617,7 @@ class _ClientStarterFactory(Factory):
 
         def begin(transport):
             connection = tls.socket_connection(transport.socket)
-            start_tls(transport, connection, protocol, tls.check)
+            start_tls(transport, connection, protocol, tls.check, remember=tls.remember)
 
         fallback = _Fixed(TLSMemoryBIOFactory(tls, True, self.wrappedFactory), protocol)
         return _Starter(begin, fallback, addr)

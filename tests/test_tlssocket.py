@@ -1,5 +1,6 @@
 """Tests for arc.tlssocket: TLS on the socket itself, over real loopback sockets."""
 
+import os
 import socket
 import ssl
 import threading
@@ -295,6 +296,84 @@ class ClosingTests(Base):
         self.assertEqual(len(server.data), 0)
         server.transport.resumeProducing()
         yield wait_until(lambda: len(server.data) == 300000)
+
+
+class ResumptionTests(unittest.TestCase):
+    """A client connection offers the session of the last one to the same
+    server (same name, trust and client certificate: one ClientTLS), so a
+    server that issues tickets skips its certificate and signature."""
+
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        cert, key = os.path.join(self.dir, "cert.pem"), os.path.join(self.dir, "key.pem")
+        with open(cert, "wb") as f:
+            f.write(CERT)
+        with open(key, "wb") as f:
+            f.write(KEY)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        context.set_alpn_protocols(["http/1.1"])
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.listener.settimeout(10)
+        self.addCleanup(self.listener.close)
+        self.context = context
+        self.reused = []
+
+    def serve(self, connections):
+        context = self.context
+
+        def serve():
+            # Blocking, in its own thread: the reactor's thread stays free.
+            for _ in range(connections):
+                try:
+                    raw, _ = self.listener.accept()
+                except OSError:
+                    return
+                with context.wrap_socket(raw, server_side=True) as conn:
+                    conn.settimeout(10)
+                    conn.sendall(b"hi")
+                    self.reused.append(conn.session_reused)
+                    try:
+                        conn.recv(1)     # until the client closes
+                    except OSError:
+                        pass
+
+        threading.Thread(target=serve, daemon=True).start()
+        return self.listener.getsockname()[1]
+
+    @defer.inlineCallbacks
+    def test_second_connection_resumes_and_is_still_checked(self):
+        tls = client_options("server.test", ca_pem=CA)
+        port = self.serve(3)
+        for _ in range(3):
+            client = Recorder()
+            yield TLSClientEndpoint(tls, TCP4ClientEndpoint(reactor, "127.0.0.1", port)).connect(
+                Factory.forProtocol(lambda: client))
+            yield wait_until(lambda: client.data == b"hi")
+            # The name check runs on resumed connections too: the peer
+            # certificate comes with the session.
+            self.assertIsNotNone(client.transport.getPeerCertificate())
+            client.transport.loseConnection()
+            yield client.done
+        yield wait_until(lambda: len(self.reused) == 3)
+        self.assertEqual(self.reused, [False, True, True])
+
+    @defer.inlineCallbacks
+    def test_sessions_are_not_shared_between_client_settings(self):
+        port = self.serve(2)
+        for _ in range(2):
+            client = Recorder()
+            tls = client_options("server.test", ca_pem=CA)
+            yield TLSClientEndpoint(tls, TCP4ClientEndpoint(reactor, "127.0.0.1", port)).connect(
+                Factory.forProtocol(lambda: client))
+            yield wait_until(lambda: client.data == b"hi")
+            client.transport.loseConnection()
+            yield client.done
+        yield wait_until(lambda: len(self.reused) == 2)
+        self.assertEqual(self.reused, [False, False])
 
 
 class FallbackTests(unittest.TestCase):
