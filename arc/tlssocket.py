@@ -120,6 +120,20 @@ def _hook(reactor):
     return True
 
 
+def flush_later(writer, reactor):
+    """Call ``writer._flush()`` once this reactor turn's events are handled.
+
+    ``writer`` has a ``_queued`` attribute (False while not queued), which
+    this sets; a writer queued during the flush is flushed in the same one,
+    after the writers before it, so what it writes to a TLS connection goes
+    out in that connection's flush.
+    """
+    writer._queued = True
+    _dirty.append(writer)
+    if not _hook(reactor) and not _scheduled:
+        _scheduled.append(reactor.callLater(0, _flush_dirty))
+
+
 class _TLSMixin:
     """Mixed into ``tcp.Server``/``tcp.Client`` by :func:`start_tls`.
 

@@ -429,3 +429,55 @@ class WebSocketLoopbackTests(unittest.TestCase):
 
     def test_unmasked(self):
         return self.echo_over_websocket(mask=False)
+
+
+class _Batcher(carrier._Batching):
+    """The WebSocket carriers' batching, over a recorded sendMessage."""
+
+    def __init__(self, clock):
+        self.transport = StringTransport()
+        self.transport.reactor = clock
+        self.events = []
+
+    def sendMessage(self, payload, isBinary=False):
+        self.events.append(("message", bytes(payload), isBinary))
+
+    def dropConnection(self, abort=False):
+        self.events.append(("drop",))
+
+
+class WebSocketBatchTests(unittest.TestCase):
+    """Frames a session writes in one reactor turn leave as one WebSocket message."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.ws = _Batcher(self.clock)
+
+    def test_one_message_per_turn(self):
+        self.ws._send([b"frame-1"])
+        self.ws._send([b"frame-2a", memoryview(b"frame-2b")])
+        self.ws._send([b"frame-3"])
+        self.assertEqual(self.ws.events, [], "nothing leaves before the turn ends")
+        self.clock.advance(0)
+        self.assertEqual(self.ws.events, [("message", b"frame-1frame-2aframe-2bframe-3", True)])
+        self.ws._send([b"next"])
+        self.clock.advance(0)
+        self.assertEqual(self.ws.events[1:], [("message", b"next", True)])
+
+    def test_large_batches_leave_at_once_in_bounded_messages(self):
+        piece = b"x" * (300 * 1024)
+        for _ in range(8):
+            self.ws._send([piece])
+        self.clock.advance(0)
+        sizes = [len(event[1]) for event in self.ws.events]
+        self.assertEqual(sum(sizes), 8 * len(piece))
+        self.assertGreater(len(sizes), 1)
+        # Each stays far below the 4 MiB both ends accept.
+        self.assertTrue(all(size < carrier.WS_BATCH + len(piece) for size in sizes), sizes)
+
+    def test_close_sends_what_is_waiting_first(self):
+        self.ws._send([b"GOAWAY frame"])
+        self.ws._close()
+        self.assertEqual(self.ws.events, [("message", b"GOAWAY frame", True), ("drop",)])
+        self.clock.advance(0)
+        self.assertEqual(len(self.ws.events), 2, "nothing is sent twice")

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from arc.ratelog import RateLimitedLog
 from arc.tls import is_tls_failure, set_nodelay
-from arc.tlssocket import is_tls
+from arc.tlssocket import flush_later, is_tls
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)    # Linux
 
@@ -321,7 +321,58 @@ class TunnelServerProtocol(Protocol):
             self._inner.connectionLost(reason)
 
 
-class _WSServerProtocol(WebSocketServerProtocol):
+# Frames written during one reactor turn travel as one WebSocket message of
+# at most this many bytes (both ends accept messages of up to 4 MiB).
+WS_BATCH = 1024 * 1024
+
+
+class _Batching:
+    """Frames a session writes during one reactor turn leave as one message.
+
+    Each message costs autobahn a header, a masking pass and a few dozen
+    Python calls on both ends, whatever its size; under load a turn writes
+    many small frames (one request's DATA, another's WINDOW_UPDATE...).
+    The message goes out when the turn's events are handled, before the TLS
+    connection's own flush, or at once when WS_BATCH bytes are waiting.
+    """
+
+    _queued = False
+    _batch = None
+    _batch_size = 0
+
+    def _send(self, chunks):
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = []
+        batch.extend(chunks)
+        for chunk in chunks:
+            self._batch_size += len(chunk)
+        if self._batch_size >= WS_BATCH:
+            self._flush()
+        elif not self._queued:
+            flush_later(self, _reactor(self.transport))
+
+    def _flush(self):
+        batch = self._batch
+        if batch:
+            self._batch = None
+            self._batch_size = 0
+            self.sendMessage(batch[0] if len(batch) == 1 and type(batch[0]) is bytes
+                             else b"".join(batch), isBinary=True)
+
+    def _close(self):
+        self._flush()
+        self.dropConnection()
+
+
+def _reactor(transport):
+    reactor = getattr(transport, "reactor", None)
+    if reactor is None:
+        from twisted.internet import reactor
+    return reactor
+
+
+class _WSServerProtocol(_Batching, WebSocketServerProtocol):
     start_session = None
     session = None
 
@@ -331,11 +382,8 @@ class _WSServerProtocol(WebSocketServerProtocol):
         return WS_SUBPROTOCOL
 
     def onOpen(self):
-        self.session = self.start_session(self._send, self.dropConnection)
+        self.session = self.start_session(self._send, self._close)
         self.session.transport = self.transport
-
-    def _send(self, chunks):
-        self.sendMessage(b"".join(chunks), isBinary=True)
 
     def onMessage(self, payload, isBinary):
         self.session.dataReceived(payload)
@@ -490,7 +538,7 @@ class RawDialerFactory(Factory):
 _WS_FAIL = re.compile(r"upgrade failed \[(\d+)\]: ?(.*)", re.S)
 
 
-class _WSDialerProtocol(WebSocketClientProtocol):
+class _WSDialerProtocol(_Batching, WebSocketClientProtocol):
     session = None
 
     def __init__(self):
@@ -505,12 +553,9 @@ class _WSDialerProtocol(WebSocketClientProtocol):
 
     def onOpen(self):
         self.session = self.factory.make_session()
-        self.session.connected(self._send, self.dropConnection)
+        self.session.connected(self._send, self._close)
         self.session.transport = self.transport
         self.upgraded.callback(self.session)
-
-    def _send(self, chunks):
-        self.sendMessage(b"".join(chunks), isBinary=True)
 
     def onMessage(self, payload, isBinary):
         self.session.dataReceived(payload)
