@@ -43,8 +43,11 @@ from twisted.internet.interfaces import (IHalfCloseableProtocol, IHandshakeListe
                                          IProtocolNegotiationFactory)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+_log = Logger()
 
 # Bytes of records one read event may take before the reactor serves others.
 READ_LIMIT = 256 * 1024
@@ -90,9 +93,13 @@ def _flush_dirty():
     while _dirty:
         batch = list(_dirty)
         del _dirty[:]
-        for transport in batch:
-            transport._queued = False
-            transport._flush()
+        for writer in batch:
+            writer._queued = False
+            try:
+                writer._flush()
+            except Exception:
+                # One writer's failure must not keep the others' bytes back.
+                _log.failure("cannot send what {writer!r} holds", writer=writer)
 
 
 def _hook(reactor):

@@ -376,6 +376,37 @@ class ResumptionTests(unittest.TestCase):
         self.assertEqual(self.reused, [False, False])
 
 
+class FlushLaterTests(unittest.TestCase):
+    """Writers queued for the end of the reactor turn (TLS connections, the
+    WebSocket carrier's batches) are flushed one by one."""
+
+    def test_a_failing_writer_does_not_hold_back_the_others(self):
+        clock = task.Clock()     # not hookable: the flush is a callLater(0)
+        flushed = []
+
+        class Writer:
+            _queued = False
+
+            def __init__(self, name, fail=False):
+                self.name = name
+                self.fail = fail
+
+            def _flush(self):
+                flushed.append(self.name)
+                if self.fail:
+                    raise RuntimeError("cannot write")
+
+        writers = [Writer("a"), Writer("b", fail=True), Writer("c")]
+        self.assertEqual(tlssocket._dirty, [])
+        for writer in writers:
+            tlssocket.flush_later(writer, clock)
+        self.assertEqual(flushed, [])
+        clock.advance(0)
+        self.assertEqual(flushed, ["a", "b", "c"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(any(writer._queued for writer in writers))
+
+
 class FallbackTests(unittest.TestCase):
     """Anything but a plain TCP connection gets Twisted's memory-BIO TLS."""
 
