@@ -102,8 +102,31 @@ def parse_rst(payload):
     return code, bytes(payload[RST_CODE.size:]).decode("utf-8", "replace")
 
 
+def check_header(version, ftype, flags, stream_id, length, max_frame):
+    """Raise :class:`ProtocolError`, naming the fault, unless the header is valid."""
+    if version != VERSION:
+        raise ProtocolError("unsupported tunnel protocol version %d (this side speaks %d)"
+                            % (version, VERSION))
+    if ftype not in TYPE_NAMES:
+        raise ProtocolError("unknown frame type %d" % (ftype,))
+    if flags & ~ALL_FLAGS:
+        raise ProtocolError("unknown flags 0x%x" % (flags,))
+    if ftype in (DATA, WINDOW_UPDATE):
+        if stream_id == 0:
+            raise ProtocolError("%s on stream 0" % (TYPE_NAMES[ftype],))
+        if ftype == DATA and length > max_frame:
+            raise ProtocolError("frame of %d bytes exceeds the limit of %d"
+                                % (length, max_frame))
+        if ftype == WINDOW_UPDATE and length > MAX_WINDOW:
+            raise ProtocolError("window update of %d exceeds %d" % (length, MAX_WINDOW),
+                                FLOW_CONTROL_ERROR)
+    elif stream_id != 0:
+        raise ProtocolError("%s on stream %d (must be 0)" % (TYPE_NAMES[ftype], stream_id))
+
+
 class FrameDecoder:
-    """Incremental decoder.
+    """Incremental decoder of whole frames (sessions use :class:`PieceDecoder`;
+    this one is the reference that tools and tests read frames with).
 
     ``feed(data)`` returns the list of complete frames, each a tuple
     ``(type, flags, stream_id, length, payload)`` where payload is ``bytes``
@@ -138,7 +161,7 @@ class FrameDecoder:
         while end - offset >= HEADER_SIZE:
             version, ftype, flags, stream_id, length = unpack(view, offset)
             try:
-                self._check(version, ftype, flags, stream_id, length)
+                check_header(version, ftype, flags, stream_id, length, self.max_frame)
             except ProtocolError as e:
                 self._failed = e
                 self._buf = bytearray()
@@ -162,26 +185,6 @@ class FrameDecoder:
         elif buf:
             buf.clear()
         return frames
-
-    def _check(self, version, ftype, flags, stream_id, length):
-        if version != VERSION:
-            raise ProtocolError("unsupported tunnel protocol version %d (this side speaks %d)"
-                                % (version, VERSION))
-        if ftype not in TYPE_NAMES:
-            raise ProtocolError("unknown frame type %d" % (ftype,))
-        if flags & ~ALL_FLAGS:
-            raise ProtocolError("unknown flags 0x%x" % (flags,))
-        if ftype in (DATA, WINDOW_UPDATE):
-            if stream_id == 0:
-                raise ProtocolError("%s on stream 0" % (TYPE_NAMES[ftype],))
-            if ftype == DATA and length > self.max_frame:
-                raise ProtocolError("frame of %d bytes exceeds the limit of %d"
-                                    % (length, self.max_frame))
-            if ftype == WINDOW_UPDATE and length > MAX_WINDOW:
-                raise ProtocolError("window update of %d exceeds %d" % (length, MAX_WINDOW),
-                                    FLOW_CONTROL_ERROR)
-        elif stream_id != 0:
-            raise ProtocolError("%s on stream %d (must be 0)" % (TYPE_NAMES[ftype], stream_id))
 
 
 # SYN and RST payloads (stream metadata, reset reasons) are handed over whole,
@@ -304,7 +307,7 @@ class PieceDecoder:
 
     def _fail(self, version, ftype, flags, sid, length):
         try:
-            FrameDecoder(self.max_frame)._check(version, ftype, flags, sid, length)
+            check_header(version, ftype, flags, sid, length, self.max_frame)
             error = ProtocolError("malformed frame header")
         except ProtocolError as e:
             error = e
