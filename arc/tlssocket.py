@@ -42,8 +42,8 @@ from twisted.internet import error, main, tcp
 from twisted.internet.interfaces import (IHalfCloseableProtocol, IHandshakeListener,
                                          IProtocolNegotiationFactory)
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -159,7 +159,6 @@ class _TLSMixin:
     _write_closed = False   # close_notify sent (loseWriteConnection)
     _read_closed = False    # close_notify received, protocol half-closed
     _lingering = None       # the timer of a closing connection draining input
-    _hooked = False         # the reactor flushes before it polls (_hook)
     drained = None          # called each time everything written has been sent
 
     # Twisted's ALPN and SNI callbacks find ``connection.get_app_data().factory
@@ -167,7 +166,6 @@ class _TLSMixin:
     factory = None
 
     def _start(self, connection, check, remember=None):
-        self._hooked = _hook(self.reactor)
         self._tls = connection
         connection.set_app_data(self)
         self._check = check
@@ -301,12 +299,8 @@ class _TLSMixin:
         self._want_flush()
 
     def _want_flush(self):
-        if self._handshaking or self._queued:
-            return
-        self._queued = True
-        _dirty.append(self)
-        if not self._hooked and not _scheduled:
-            _scheduled.append(self.reactor.callLater(0, _flush_dirty))
+        if not (self._handshaking or self._queued):
+            flush_later(self, self.reactor)
 
     def _flush(self):
         """Send what is buffered now; wait for writability for the rest."""
@@ -566,14 +560,24 @@ class _Starter(Protocol):
             self._target.connectionLost(reason)
 
 
+class _Wrapping(Factory):
+    """A factory around ``wrappedFactory``, started and stopped with it."""
+
+    noisy = False
+
+    def doStart(self):
+        self.wrappedFactory.doStart()
+
+    def doStop(self):
+        self.wrappedFactory.doStop()
+
+
 @implementer(IProtocolNegotiationFactory)
-class TLSServerFactory(Factory):
+class TLSServerFactory(_Wrapping):
     """Listener factory: TLS with ``options`` (``CertificateOptions``) around ``factory``.
 
     The replacement for ``TLSMemoryBIOFactory(options, False, factory)``.
     """
-
-    noisy = False
 
     def __init__(self, options, factory):
         self.options = options
@@ -583,12 +587,6 @@ class TLSServerFactory(Factory):
 
     def acceptableProtocols(self):
         return self._fallback.acceptableProtocols()
-
-    def doStart(self):
-        self.wrappedFactory.doStart()
-
-    def doStop(self):
-        self.wrappedFactory.doStop()
 
     def buildProtocol(self, addr):
         protocol = self.wrappedFactory.buildProtocol(addr)
@@ -615,19 +613,11 @@ class _Fixed:
         return factory.protocol(factory, self.protocol)
 
 
-class _ClientStarterFactory(Factory):
-    noisy = False
-
+class _ClientStarterFactory(_Wrapping):
     def __init__(self, tls, factory):
         self.tls = tls
         self.wrappedFactory = factory
         self.protocol_built = None
-
-    def doStart(self):
-        self.wrappedFactory.doStart()
-
-    def doStop(self):
-        self.wrappedFactory.doStop()
 
     def buildProtocol(self, addr):
         protocol = self.wrappedFactory.buildProtocol(addr)
