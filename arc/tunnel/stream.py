@@ -65,7 +65,7 @@ class Stream:
         self.metadata = metadata
         self.protocol = None
         if window is None:
-            window = getattr(session.limits, "stream_window", F.INITIAL_WINDOW)
+            window = session.limits.stream_window
         self.window = max(window, F.INITIAL_WINDOW)
         self._send_window = F.INITIAL_WINDOW
         self._granted = F.INITIAL_WINDOW
