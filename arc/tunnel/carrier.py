@@ -324,8 +324,9 @@ class TunnelServerProtocol(Protocol):
 # Frames written during one reactor turn travel as one WebSocket message;
 # once this many bytes wait, they leave at once.  Small frames gain most from
 # sharing a message; a download's frames are large already, and larger
-# messages cost more per byte (each pass over one, joining and masking, then
-# runs out of the CPU's cache).  Both ends accept messages of up to 4 MiB.
+# messages cost more per byte (measured; most likely each pass over one,
+# joining and masking, runs out of the CPU's cache).  Both ends accept
+# messages of up to 4 MiB.
 WS_BATCH = 64 * 1024
 
 
