@@ -91,6 +91,10 @@ class QuietFactory(Factory):
 
 class _UpstreamSide(Protocol):
     def __init__(self, guard):
+        self.serve(guard)
+
+    def serve(self, guard):
+        """Work for ``guard`` (a new connection, or one taken from the idle ones)."""
         self.guard = guard
         # The API server's bytes go straight to the guard.
         self.dataReceived = guard.upstream_data
@@ -446,8 +450,7 @@ class GuardProtocol(Protocol):
         side = idle.take(mode) if idle is not None else None
         if side is not None:
             # A connection another client left idle: no new TLS handshake.
-            side.guard = self
-            side.dataReceived = self.upstream_data
+            side.serve(self)
             self._up_pending = [raw]
             self.upstream_connected(side)
             return
